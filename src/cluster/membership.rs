@@ -1,0 +1,448 @@
+//! Membership: SWIM failure detection and dissemination by foca, over UDP on the node's own
+//! port, driven from the side thread's tokio runtime (foca does no I/O of its own). This module
+//! keeps the table the ring is built from:
+//!
+//! - a member foca reports up is ALIVE; one it suspects is SUSPECT; one it declares down is
+//!   DOWN and *stays in the ring* (hinted handoff covers it) until it has been down longer than
+//!   DEAD_NODE_TIMEOUT;
+//! - a member that leaves gracefully (its Leave call, then foca's leave) is out of the ring at
+//!   once;
+//! - a node restarted with the same ADDR comes back with a newer incarnation and takes its old
+//!   place.
+//!
+//! Every change of the ring's node set is sent to every core as a fresh [`Ring`] copy.
+
+use super::ring::Ring;
+use foca::{Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
+use rand::{rngs::SmallRng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio::{net::UdpSocket, sync::mpsc};
+
+/// A node as foca knows it: its address plus an incarnation that a restart renews.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    pub addr: String,
+    pub incarnation: u64,
+}
+
+impl Identity for NodeIdentity {
+    type Addr = String;
+
+    fn renew(&self) -> Option<Self> {
+        Some(NodeIdentity {
+            addr: self.addr.clone(),
+            incarnation: self.incarnation + 1,
+        })
+    }
+
+    fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    Down,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "ALIVE",
+            MemberState::Suspect => "SUSPECT",
+            MemberState::Down => "DOWN",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub state: MemberState,
+    /// When it went down (for DEAD_NODE_TIMEOUT).
+    pub down_since: Option<Instant>,
+    /// It announced a graceful leave.
+    pub left: bool,
+}
+
+/// The table the ring comes from. Pure: events in, ring membership out.
+#[derive(Debug, Clone)]
+pub struct MemberTable {
+    me: String,
+    members: BTreeMap<String, MemberInfo>,
+    dead_after: Duration,
+}
+
+impl MemberTable {
+    pub fn new(me: String, dead_after: Duration) -> Self {
+        Self {
+            me,
+            members: BTreeMap::new(),
+            dead_after,
+        }
+    }
+
+    pub fn up(&mut self, addr: &str) {
+        if addr == self.me {
+            return;
+        }
+        self.members.insert(
+            addr.to_string(),
+            MemberInfo {
+                state: MemberState::Alive,
+                down_since: None,
+                left: false,
+            },
+        );
+    }
+
+    pub fn suspect(&mut self, addr: &str) {
+        if let Some(m) = self.members.get_mut(addr) {
+            if m.state == MemberState::Alive {
+                m.state = MemberState::Suspect;
+            }
+        }
+    }
+
+    pub fn down(&mut self, addr: &str, now: Instant) {
+        if let Some(m) = self.members.get_mut(addr) {
+            if m.state != MemberState::Down {
+                m.state = MemberState::Down;
+                m.down_since = Some(now);
+            }
+        }
+    }
+
+    pub fn left(&mut self, addr: &str, now: Instant) {
+        if addr == self.me {
+            return;
+        }
+        let m = self.members.entry(addr.to_string()).or_insert(MemberInfo {
+            state: MemberState::Down,
+            down_since: Some(now),
+            left: true,
+        });
+        m.state = MemberState::Down;
+        m.down_since.get_or_insert(now);
+        m.left = true;
+    }
+
+    /// Whether `addr` is one of the ring's nodes at `now`.
+    pub fn in_ring(&self, addr: &str, now: Instant) -> bool {
+        if addr == self.me {
+            return true;
+        }
+        match self.members.get(addr) {
+            None => false,
+            Some(m) if m.left => false,
+            Some(m) => match m.down_since {
+                Some(since) if m.state == MemberState::Down => {
+                    now.duration_since(since) < self.dead_after
+                }
+                _ => true,
+            },
+        }
+    }
+
+    /// The ring's nodes at `now`, sorted.
+    pub fn ring_nodes(&self, now: Instant) -> Vec<String> {
+        std::iter::once(self.me.clone())
+            .chain(
+                self.members
+                    .keys()
+                    .filter(|a| self.in_ring(a, now))
+                    .cloned(),
+            )
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = (&String, &MemberInfo)> {
+        self.members.iter()
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+}
+
+/// What the rest of the node sees: the table and the ring, for the Members RPC.
+#[derive(Debug)]
+pub struct MembershipView {
+    pub table: MemberTable,
+    pub ring: Ring,
+}
+
+pub type SharedView = Arc<Mutex<MembershipView>>;
+
+/// Commands to the membership task.
+pub enum MembershipCmd {
+    /// A peer called Leave.
+    PeerLeft(String),
+    /// This node leaves: tell foca, then answer.
+    Leave(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Collects what foca asks for during one call.
+#[derive(Default)]
+struct Actions {
+    sends: Vec<(NodeIdentity, Vec<u8>)>,
+    timers: Vec<(Timer<NodeIdentity>, Duration)>,
+    ups: Vec<String>,
+    downs: Vec<String>,
+}
+
+impl Runtime<NodeIdentity> for Actions {
+    fn notify(&mut self, n: Notification<'_, NodeIdentity>) {
+        match n {
+            Notification::MemberUp(id) => self.ups.push(id.addr.clone()),
+            Notification::MemberDown(id) => self.downs.push(id.addr.clone()),
+            Notification::Rename(_, new) => self.ups.push(new.addr.clone()),
+            _ => {}
+        }
+    }
+
+    fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+
+    fn submit_after(&mut self, event: Timer<NodeIdentity>, after: Duration) {
+        self.timers.push((event, after));
+    }
+}
+
+pub struct MembershipSettings {
+    pub me: String,
+    pub seeds: Vec<String>,
+    pub dead_after: Duration,
+    pub vnodes: u32,
+    pub replication_factor: usize,
+}
+
+/// Runs membership on the current tokio runtime, forever. `on_ring` is called with every new
+/// ring.
+pub async fn start(
+    settings: MembershipSettings,
+    socket: UdpSocket,
+    view: SharedView,
+    mut commands: mpsc::UnboundedReceiver<MembershipCmd>,
+    on_ring: impl Fn(Ring) + Send + 'static,
+) {
+    let socket = Arc::new(socket);
+    // The wall clock in microseconds: a restarted node always gets a higher incarnation.
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let me = NodeIdentity {
+        addr: settings.me.clone(),
+        incarnation,
+    };
+    let mut config = Config::new_lan(NonZeroU32::new(16).expect("non-zero"));
+    // Faster detection than the WAN-ish defaults: a dead peer is DOWN within a few seconds.
+    config.probe_period = Duration::from_millis(500);
+    config.probe_rtt = Duration::from_millis(200);
+    config.suspect_to_down_after = Duration::from_secs(2);
+    config.remove_down_after = Some(Duration::from_secs(15));
+    config.periodic_announce = Some(foca::PeriodicParams {
+        frequency: Duration::from_secs(2),
+        num_members: std::num::NonZeroUsize::new(2).expect("non-zero"),
+    });
+    config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+        frequency: Duration::from_secs(2),
+        num_members: std::num::NonZeroUsize::new(2).expect("non-zero"),
+    });
+    let mut foca = Foca::new(
+        me,
+        config,
+        SmallRng::seed_from_u64(incarnation),
+        PostcardCodec,
+    );
+    let (timer_tx, mut timer_rx) = mpsc::unbounded_channel::<Timer<NodeIdentity>>();
+    let mut last_nodes: Vec<String> = Vec::new();
+
+    let apply = |actions: Actions,
+                 view: &SharedView,
+                 last_nodes: &mut Vec<String>,
+                 socket: &Arc<UdpSocket>,
+                 timer_tx: &mpsc::UnboundedSender<Timer<NodeIdentity>>| {
+        for (to, data) in actions.sends {
+            let socket = Arc::clone(socket);
+            tokio::spawn(async move {
+                let _ = socket.send_to(&data, to.addr.as_str()).await;
+            });
+        }
+        for (timer, after) in actions.timers {
+            let tx = timer_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = tx.send(timer);
+            });
+        }
+        let now = Instant::now();
+        let mut v = view.lock().expect("membership view lock is never poisoned");
+        for addr in actions.ups {
+            tracing::info!(member = %addr, "member up");
+            v.table.up(&addr);
+        }
+        for addr in actions.downs {
+            tracing::warn!(member = %addr, "member down");
+            v.table.down(&addr, now);
+        }
+        let nodes = v.table.ring_nodes(now);
+        if nodes != *last_nodes {
+            tracing::info!(nodes = ?nodes, "ring changed");
+            let ring = Ring::new(nodes.clone(), settings.vnodes, settings.replication_factor);
+            v.ring = ring.clone();
+            *last_nodes = nodes;
+            drop(v);
+            on_ring(ring);
+        }
+    };
+
+    // Suspicion is not a notification in foca's stable API: read it from the member states.
+    let refresh_states =
+        |foca: &Foca<NodeIdentity, PostcardCodec, SmallRng, foca::NoCustomBroadcast>,
+         view: &SharedView| {
+            let mut v = view.lock().expect("membership view lock is never poisoned");
+            for m in foca.iter_membership_state() {
+                if m.state() == foca::State::Suspect {
+                    v.table.suspect(&m.id().addr);
+                } else if m.state() == foca::State::Alive {
+                    let addr = &m.id().addr;
+                    if v.table
+                        .members
+                        .get(addr)
+                        .map(|i| i.state == MemberState::Suspect)
+                        .unwrap_or(false)
+                    {
+                        v.table.up(addr);
+                    }
+                }
+            }
+        };
+
+    let mut actions = Actions::default();
+    for seed in &settings.seeds {
+        if *seed != settings.me {
+            let _ = foca.announce(
+                NodeIdentity {
+                    addr: seed.clone(),
+                    incarnation: 0,
+                },
+                &mut actions,
+            );
+        }
+    }
+    apply(actions, &view, &mut last_nodes, &socket, &timer_tx);
+
+    let mut buf = vec![0u8; 65536];
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut left = false;
+    loop {
+        let mut actions = Actions::default();
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, _)) = r {
+                    if !left {
+                        let _ = foca.handle_data(&buf[..n], &mut actions);
+                    }
+                }
+            }
+            Some(timer) = timer_rx.recv() => {
+                let _ = foca.handle_timer(timer, &mut actions);
+            }
+            _ = tick.tick() => {
+                refresh_states(&foca, &view);
+                // Seeds that were not up yet: keep announcing until someone answers.
+                if !left && foca.num_members() == 0 {
+                    for seed in &settings.seeds {
+                        if *seed != settings.me {
+                            let _ = foca.announce(NodeIdentity { addr: seed.clone(), incarnation: 0 }, &mut actions);
+                        }
+                    }
+                }
+            }
+            Some(cmd) = commands.recv() => match cmd {
+                MembershipCmd::PeerLeft(addr) => {
+                    tracing::info!(member = %addr, "member left");
+                    view.lock().expect("membership view lock is never poisoned").table.left(&addr, Instant::now());
+                }
+                MembershipCmd::Leave(done) => {
+                    left = true;
+                    let _ = foca.leave_cluster(&mut actions);
+                    let _ = done.send(());
+                }
+            },
+        }
+        apply(actions, &view, &mut last_nodes, &socket, &timer_tx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_members_stay_in_the_ring_until_the_dead_timeout() {
+        let t0 = Instant::now();
+        let mut t = MemberTable::new("a:1".into(), Duration::from_secs(60));
+        t.up("b:1");
+        t.up("c:1");
+        assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1", "c:1"]);
+        t.suspect("b:1");
+        t.down("c:1", t0);
+        assert_eq!(
+            t.ring_nodes(t0 + Duration::from_secs(59)),
+            vec!["a:1", "b:1", "c:1"]
+        );
+        assert_eq!(
+            t.ring_nodes(t0 + Duration::from_secs(61)),
+            vec!["a:1", "b:1"]
+        );
+        // Back up: in again.
+        t.up("c:1");
+        assert_eq!(
+            t.ring_nodes(t0 + Duration::from_secs(61)),
+            vec!["a:1", "b:1", "c:1"]
+        );
+    }
+
+    #[test]
+    fn a_graceful_leave_is_out_at_once_and_a_restart_rejoins() {
+        let t0 = Instant::now();
+        let mut t = MemberTable::new("a:1".into(), Duration::from_secs(60));
+        t.up("b:1");
+        t.left("b:1", t0);
+        assert_eq!(t.ring_nodes(t0), vec!["a:1"]);
+        t.up("b:1");
+        assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1"]);
+        // Self is always in, and never recorded as a member.
+        t.up("a:1");
+        t.left("a:1", t0);
+        assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1"]);
+    }
+
+    #[test]
+    fn identities_renew_and_newer_wins() {
+        let a = NodeIdentity {
+            addr: "x:1".into(),
+            incarnation: 5,
+        };
+        let b = a.renew().unwrap();
+        assert!(b.win_addr_conflict(&a));
+        assert!(!a.win_addr_conflict(&b));
+    }
+}

@@ -1,0 +1,13 @@
+//! The cluster: where keys live across nodes and how replicas agree.
+//!
+//! - [`ring`]: consistent hashing with virtual nodes (pure; a copy per core).
+//! - [`replication`]: quorum counting and read resolution (pure).
+//! - [`coordinator`]: runs a client request over the key's replicas, on the owning core.
+//! - [`peer`]: each core's own HTTP/2 clients to other nodes.
+//! - [`membership`]: SWIM (foca) over UDP on the side thread, and the member table.
+
+pub mod coordinator;
+pub mod membership;
+pub mod peer;
+pub mod replication;
+pub mod ring;

@@ -1,0 +1,224 @@
+//! Node-to-node calls from a core: each core keeps its own HTTP/2 connection to each peer
+//! (hyper's client over glommio sockets, tonic's codec on top), so no connection pool is shared
+//! between cores and nothing locks. A broken connection is dropped and the next call dials
+//! again. Runs on the core's executor.
+
+use crate::{
+    engine::{command::ReplicaEntry, hlc::Version},
+    ingress::io::{GlommioIo, LocalExec},
+    pb,
+};
+use futures_lite::future;
+use http::uri::PathAndQuery;
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tonic::{body::Body, codegen::Service, Status};
+
+type Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+/// One HTTP/2 connection as the tower service tonic's client wants.
+#[derive(Clone)]
+struct PeerConn(Sender);
+
+impl Service<http::Request<Body>> for PeerConn {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+/// This core's connections to other nodes, by address, and the outcome counts of its calls.
+#[derive(Default)]
+pub struct PeerClients {
+    conns: RefCell<HashMap<String, Sender>>,
+    /// peer -> [ok, error, timeout]; plain counters, this core only.
+    outcomes: RefCell<HashMap<String, [u64; 3]>>,
+}
+
+/// Outcome labels of replica calls, in the order of the counters.
+pub const OUTCOMES: [&str; 3] = ["ok", "error", "timeout"];
+
+/// How long a dial may take before the peer counts as unreachable for this call.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn with_deadline<T>(
+    deadline: Instant,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Status::deadline_exceeded(
+            "deadline passed before the replica call",
+        ));
+    }
+    future::or(fut, async move {
+        glommio::timer::sleep(left).await;
+        Err(Status::deadline_exceeded("replica did not answer in time"))
+    })
+    .await
+}
+
+impl PeerClients {
+    async fn connect(addr: &str) -> Result<Sender, Status> {
+        let dial = async {
+            let stream = glommio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
+                .handshake::<_, Body>(GlommioIo::new(stream))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("HTTP/2 handshake with {addr} failed: {e}"))
+                })?;
+            glommio::spawn_local(async move {
+                let _ = conn.await;
+            })
+            .detach();
+            Ok(sender)
+        };
+        future::or(dial, async {
+            glommio::timer::sleep(CONNECT_TIMEOUT).await;
+            Err(Status::unavailable(format!(
+                "cannot reach {addr}: connect timed out"
+            )))
+        })
+        .await
+    }
+
+    async fn sender(&self, addr: &str) -> Result<Sender, Status> {
+        if let Some(s) = self.conns.borrow().get(addr) {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = Self::connect(addr).await?;
+        self.conns.borrow_mut().insert(addr.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.conns.borrow_mut().remove(addr);
+    }
+
+    async fn unary<M, R>(
+        &self,
+        addr: &str,
+        path: &'static str,
+        msg: M,
+        deadline: Instant,
+    ) -> Result<R, Status>
+    where
+        M: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let call = async {
+            let sender = self.sender(addr).await?;
+            let origin: http::Uri = format!("http://{addr}")
+                .parse()
+                .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
+            let mut grpc = tonic::client::Grpc::with_origin(PeerConn(sender), origin);
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("connection to {addr} failed: {e}")))?;
+            let mut req = tonic::Request::new(msg);
+            // The client's deadline travels with the call, so the replica drops work nobody
+            // waits for any more.
+            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            grpc.unary(
+                req,
+                PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<M, R>::default(),
+            )
+            .await
+            .map(tonic::Response::into_inner)
+        };
+        let result = with_deadline(deadline, call).await;
+        let outcome = match &result {
+            Ok(_) => 0,
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => 2,
+            Err(_) => 1,
+        };
+        self.outcomes
+            .borrow_mut()
+            .entry(addr.to_string())
+            .or_default()[outcome] += 1;
+        if let Err(status) = &result {
+            if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
+                self.forget(addr);
+            }
+        }
+        result
+    }
+
+    /// (peer, outcome, count) of this core's replica calls so far.
+    pub fn outcome_counts(&self) -> Vec<(String, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (peer, counts) in self.outcomes.borrow().iter() {
+            for (i, n) in counts.iter().enumerate() {
+                if *n > 0 {
+                    out.push((peer.clone(), OUTCOMES[i], *n));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Applies `entry` on the replica `addr`: (stored, a live value existed).
+    pub async fn write(
+        &self,
+        addr: &str,
+        entry: &ReplicaEntry,
+        deadline: Instant,
+    ) -> Result<(bool, bool), Status> {
+        let msg = pb::ReplicaWrite {
+            key: entry.key.clone(),
+            value: entry.value.clone(),
+            hlc: entry.version.hlc,
+            node: entry.version.node,
+            ttl_ms: entry.ttl_ms,
+            flags: entry.flags as u32,
+        };
+        let ack: pb::ReplicaAck = self
+            .unary(addr, "/pb.PeerService/Write", msg, deadline)
+            .await?;
+        Ok((ack.applied, ack.existed))
+    }
+
+    /// The replica `addr`'s entry for `key`, tombstones included.
+    pub async fn read(
+        &self,
+        addr: &str,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<ReplicaEntry>, Status> {
+        let msg = pb::ReplicaRead { key: key.to_vec() };
+        let e: pb::ReplicaEntry = self
+            .unary(addr, "/pb.PeerService/Read", msg, deadline)
+            .await?;
+        Ok(e.found.then(|| ReplicaEntry {
+            key: key.to_vec(),
+            value: e.value,
+            version: Version {
+                hlc: e.hlc,
+                node: e.node,
+            },
+            ttl_ms: e.ttl_ms,
+            flags: e.flags as u8,
+        }))
+    }
+}

@@ -1,0 +1,482 @@
+//! Environment variables -> a validated [`Config`]. Every check on configuration lives here, and
+//! each failure names the variable and its value in one line. Runs once, on the main thread.
+
+use serde::Deserialize;
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    num::NonZeroU32,
+    time::Duration,
+};
+
+/// The raw variables, as strings: parsing is ours so every error can name its variable.
+/// (envy matches variable names to fields case-insensitively.)
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    addr: Option<String>,
+    peers: Option<String>,
+    num_shards: Option<String>,
+    capacity: Option<String>,
+    ttl: Option<String>,
+    max_recv_msg_size: Option<String>,
+    max_send_msg_size: Option<String>,
+    rpc_timeout: Option<String>,
+    rate_limit: Option<String>,
+    rate_limit_burst: Option<String>,
+    cores: Option<String>,
+    queue_depth: Option<String>,
+    shutdown_timeout: Option<String>,
+    spin_before_park_us: Option<String>,
+    log_format: Option<String>,
+    metrics_addr: Option<String>,
+    listen_addr: Option<String>,
+    replication_factor: Option<String>,
+    write_quorum: Option<String>,
+    read_quorum: Option<String>,
+    dead_node_timeout: Option<String>,
+    tombstone_ttl: Option<String>,
+    vnodes: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address as given (for logs) and as resolved (to bind).
+    pub addr: String,
+    pub listen_addr: SocketAddr,
+    pub peers: Vec<String>,
+    pub num_shards: u32,
+    pub capacity: u64,
+    /// Default time to live; `None` keeps entries until evicted.
+    pub ttl_secs: Option<u64>,
+    pub max_recv_msg_bytes: usize,
+    pub max_send_msg_bytes: usize,
+    pub rpc_timeout: Duration,
+    /// Requests per second over the whole node; `None` is no limit.
+    pub rate_limit: Option<NonZeroU32>,
+    pub rate_limit_burst: NonZeroU32,
+    /// Use at most this many of the allowed cores.
+    pub cores: Option<usize>,
+    /// Calls one core may have outstanding towards another before it sheds.
+    pub queue_depth: usize,
+    pub shutdown_timeout: Duration,
+    pub spin_before_park: Option<Duration>,
+    pub log_format: LogFormat,
+    /// Where /metrics is served; None = off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Replicas per key (capped at the ring size at run time).
+    pub replication_factor: usize,
+    pub write_quorum: usize,
+    pub read_quorum: usize,
+    /// How long a DOWN member keeps its ring share before it is dropped from the ring.
+    pub dead_node_timeout: Duration,
+    /// How long a delete's tombstone is kept (must outlast any replica's downtime).
+    pub tombstone_ttl_secs: u64,
+    pub vnodes: u32,
+}
+
+/// One invalid variable. Printed as is by main.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_u64(
+    var: &'static str,
+    raw: &Option<String>,
+    default: u64,
+    min: u64,
+) -> Result<u64, ConfigError> {
+    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(default);
+    };
+    let n: u64 = value
+        .parse()
+        .map_err(|_| invalid(var, value, "expected a whole number"))?;
+    if n < min {
+        return Err(invalid(var, value, format!("must be at least {min}")));
+    }
+    Ok(n)
+}
+
+fn parse_secs(
+    var: &'static str,
+    raw: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(default);
+    };
+    let secs: f64 = value
+        .parse()
+        .map_err(|_| invalid(var, value, "expected a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(invalid(var, value, "must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn validate_host_port(var: &'static str, value: &str) -> Result<(), ConfigError> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(var, value, "expected host:port"))?;
+    if host.is_empty() {
+        return Err(invalid(var, value, "expected host:port, the host is empty"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| invalid(var, value, "expected host:port with a port from 0 to 65535"))?;
+    Ok(())
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables (tests pass their own).
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Config, ConfigError> {
+        // Every field is an optional string, so envy itself cannot fail on values; it only
+        // fails on what cannot happen with plain string variables.
+        let raw: RawEnv = envy::from_iter(vars).map_err(|e| ConfigError {
+            var: "environment",
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+
+        let addr = raw
+            .addr
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| "localhost:8080".to_string());
+        let addr = addr.trim().to_string();
+        validate_host_port("ADDR", &addr)?;
+        let resolved: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| invalid("ADDR", &addr, format!("cannot resolve: {e}")))?
+            .collect();
+        // localhost resolves to ::1 and 127.0.0.1 in an order set by /etc/hosts; IPv4 first
+        // matches what clients such as grpcurl and Go's dialer try first.
+        let listen_addr = resolved
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| resolved.first())
+            .copied()
+            .ok_or_else(|| invalid("ADDR", &addr, "resolves to no address"))?;
+
+        // ADDR is the node's identity, the address peers reach it at; LISTEN_ADDR, when set, is
+        // where it binds (0.0.0.0:8080 in a container whose ADDR is its service name).
+        let listen_addr = match raw
+            .listen_addr
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => listen_addr,
+            Some(value) => {
+                validate_host_port("LISTEN_ADDR", value)?;
+                value
+                    .to_socket_addrs()
+                    .map_err(|e| invalid("LISTEN_ADDR", value, format!("cannot resolve: {e}")))?
+                    .find(|a| a.is_ipv4())
+                    .ok_or_else(|| invalid("LISTEN_ADDR", value, "resolves to no IPv4 address"))?
+            }
+        };
+
+        let mut peers = Vec::new();
+        if let Some(list) = raw.peers.as_deref() {
+            for peer in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                validate_host_port("PEERS", peer).map_err(|e| invalid("PEERS", list, e.reason))?;
+                peers.push(peer.to_string());
+            }
+        }
+
+        let num_shards = parse_u64("NUM_SHARDS", &raw.num_shards, 1, 1)?;
+        let num_shards = u32::try_from(num_shards)
+            .ok()
+            .filter(|&n| n <= 1 << 20)
+            .ok_or_else(|| {
+                invalid(
+                    "NUM_SHARDS",
+                    raw.num_shards.as_deref().unwrap_or(""),
+                    "must be at most 1048576",
+                )
+            })?;
+        let capacity = parse_u64("CAPACITY", &raw.capacity, 1000, 1)?;
+        let ttl = parse_u64("TTL", &raw.ttl, 3600, 0)?;
+        let max_recv = parse_u64(
+            "MAX_RECV_MSG_SIZE",
+            &raw.max_recv_msg_size,
+            4 * 1024 * 1024,
+            1,
+        )?;
+        let max_send = parse_u64(
+            "MAX_SEND_MSG_SIZE",
+            &raw.max_send_msg_size,
+            4 * 1024 * 1024,
+            1,
+        )?;
+        let rpc_timeout = parse_secs("RPC_TIMEOUT", &raw.rpc_timeout, Duration::from_secs(5))?;
+        let rate_limit = parse_u64("RATE_LIMIT", &raw.rate_limit, 0, 0)?;
+        let rate_limit = u32::try_from(rate_limit).map_err(|_| {
+            invalid(
+                "RATE_LIMIT",
+                raw.rate_limit.as_deref().unwrap_or(""),
+                "must fit in 32 bits",
+            )
+        })?;
+        let burst = parse_u64("RATE_LIMIT_BURST", &raw.rate_limit_burst, 100, 1)?;
+        let burst = u32::try_from(burst)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .ok_or_else(|| {
+                invalid(
+                    "RATE_LIMIT_BURST",
+                    raw.rate_limit_burst.as_deref().unwrap_or(""),
+                    "must fit in 32 bits",
+                )
+            })?;
+        let cores = match raw
+            .cores
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => None,
+            Some(_) => Some(parse_u64("CORES", &raw.cores, 0, 1)? as usize),
+        };
+        let queue_depth = parse_u64("QUEUE_DEPTH", &raw.queue_depth, 1024, 1)?;
+        if queue_depth > 1 << 20 {
+            return Err(invalid(
+                "QUEUE_DEPTH",
+                raw.queue_depth.as_deref().unwrap_or(""),
+                "must be at most 1048576",
+            ));
+        }
+        let shutdown_timeout = parse_secs(
+            "SHUTDOWN_TIMEOUT",
+            &raw.shutdown_timeout,
+            Duration::from_secs(10),
+        )?;
+        let spin_us = parse_u64("SPIN_BEFORE_PARK_US", &raw.spin_before_park_us, 50, 0)?;
+        let log_format = match raw.log_format.as_deref().map(str::trim) {
+            None | Some("") | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => return Err(invalid("LOG_FORMAT", other, "expected json or text")),
+        };
+
+        let metrics_addr = match raw
+            .metrics_addr
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => None,
+            Some(value) => {
+                validate_host_port("METRICS_ADDR", value)?;
+                Some(
+                    value
+                        .to_socket_addrs()
+                        .map_err(|e| {
+                            invalid("METRICS_ADDR", value, format!("cannot resolve: {e}"))
+                        })?
+                        .next()
+                        .ok_or_else(|| invalid("METRICS_ADDR", value, "resolves to no address"))?,
+                )
+            }
+        };
+
+        let replication_factor = parse_u64("REPLICATION_FACTOR", &raw.replication_factor, 3, 1)?;
+        if replication_factor > 64 {
+            return Err(invalid(
+                "REPLICATION_FACTOR",
+                raw.replication_factor.as_deref().unwrap_or(""),
+                "must be at most 64",
+            ));
+        }
+        let majority = replication_factor / 2 + 1;
+        let write_quorum = parse_u64("WRITE_QUORUM", &raw.write_quorum, majority, 1)?;
+        if write_quorum > replication_factor {
+            return Err(invalid(
+                "WRITE_QUORUM",
+                raw.write_quorum.as_deref().unwrap_or(""),
+                format!("exceeds REPLICATION_FACTOR ({replication_factor})"),
+            ));
+        }
+        let read_quorum = parse_u64("READ_QUORUM", &raw.read_quorum, majority, 1)?;
+        if read_quorum > replication_factor {
+            return Err(invalid(
+                "READ_QUORUM",
+                raw.read_quorum.as_deref().unwrap_or(""),
+                format!("exceeds REPLICATION_FACTOR ({replication_factor})"),
+            ));
+        }
+        let dead_node_timeout = parse_secs(
+            "DEAD_NODE_TIMEOUT",
+            &raw.dead_node_timeout,
+            Duration::from_secs(300),
+        )?;
+        let tombstone_ttl_secs = parse_u64("TOMBSTONE_TTL", &raw.tombstone_ttl, 3600, 1)?;
+        let vnodes = parse_u64(
+            "VNODES",
+            &raw.vnodes,
+            crate::cluster::ring::DEFAULT_VNODES as u64,
+            1,
+        )?;
+        if vnodes > 4096 {
+            return Err(invalid(
+                "VNODES",
+                raw.vnodes.as_deref().unwrap_or(""),
+                "must be at most 4096",
+            ));
+        }
+
+        Ok(Config {
+            replication_factor: replication_factor as usize,
+            write_quorum: write_quorum as usize,
+            read_quorum: read_quorum as usize,
+            dead_node_timeout,
+            tombstone_ttl_secs,
+            vnodes: vnodes as u32,
+            metrics_addr,
+            addr,
+            listen_addr,
+            peers,
+            num_shards,
+            capacity,
+            ttl_secs: (ttl > 0).then_some(ttl),
+            max_recv_msg_bytes: max_recv as usize,
+            max_send_msg_bytes: max_send as usize,
+            rpc_timeout,
+            rate_limit: NonZeroU32::new(rate_limit),
+            rate_limit_burst: burst,
+            cores,
+            queue_depth: queue_depth as usize,
+            shutdown_timeout,
+            spin_before_park: (spin_us > 0).then(|| Duration::from_micros(spin_us)),
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_are_the_originals() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.addr, "localhost:8080");
+        assert_eq!(c.listen_addr.port(), 8080);
+        assert!(c.peers.is_empty());
+        assert_eq!(c.num_shards, 1);
+        assert_eq!(c.capacity, 1000);
+        assert_eq!(c.ttl_secs, Some(3600));
+        assert_eq!(c.max_recv_msg_bytes, 4194304);
+        assert_eq!(c.max_send_msg_bytes, 4194304);
+        assert_eq!(c.rpc_timeout, Duration::from_secs(5));
+        assert_eq!(c.rate_limit, None, "no limit unless asked for");
+        assert_eq!(c.rate_limit_burst.get(), 100);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            (c.replication_factor, c.write_quorum, c.read_quorum),
+            (3, 2, 2)
+        );
+    }
+
+    #[test]
+    fn quorums_above_the_replication_factor_are_refused() {
+        let e = parse(&[("REPLICATION_FACTOR", "3"), ("WRITE_QUORUM", "4")]).unwrap_err();
+        assert_eq!(e.var, "WRITE_QUORUM");
+        assert!(e.to_string().contains("exceeds REPLICATION_FACTOR"));
+        let e = parse(&[("REPLICATION_FACTOR", "1"), ("READ_QUORUM", "2")]).unwrap_err();
+        assert_eq!(e.var, "READ_QUORUM");
+        let c = parse(&[("REPLICATION_FACTOR", "5")]).unwrap();
+        assert_eq!((c.write_quorum, c.read_quorum), (3, 3));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = parse(&[
+            ("ADDR", "127.0.0.1:9000"),
+            ("PEERS", "10.0.0.1:8080, node2:8080"),
+            ("NUM_SHARDS", "64"),
+            ("CAPACITY", "1000000"),
+            ("TTL", "0"),
+            ("RPC_TIMEOUT", "0.5"),
+            ("RATE_LIMIT", "10"),
+            ("RATE_LIMIT_BURST", "20"),
+            ("CORES", "1"),
+            ("LOG_FORMAT", "text"),
+        ])
+        .unwrap();
+        assert_eq!(c.listen_addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.peers, vec!["10.0.0.1:8080", "node2:8080"]);
+        assert_eq!(c.num_shards, 64);
+        assert_eq!(c.capacity, 1_000_000);
+        assert_eq!(c.ttl_secs, None);
+        assert_eq!(c.rpc_timeout, Duration::from_millis(500));
+        assert_eq!(c.rate_limit.map(|r| r.get()), Some(10));
+        assert_eq!(c.rate_limit_burst.get(), 20);
+        assert_eq!(c.cores, Some(1));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(parse(&[("RATE_LIMIT", "0")]).unwrap().rate_limit, None);
+    }
+
+    #[test]
+    fn every_rejection_names_its_variable_and_value() {
+        let cases: &[(&str, &str)] = &[
+            ("NUM_SHARDS", "0"),
+            ("NUM_SHARDS", "-1"),
+            ("CAPACITY", "abc"),
+            ("CAPACITY", "0"),
+            ("TTL", "-5"),
+            ("ADDR", "localhost"),
+            ("ADDR", "localhost:http"),
+            ("ADDR", ":8080"),
+            ("PEERS", "a:1,b"),
+            ("MAX_RECV_MSG_SIZE", "0"),
+            ("MAX_SEND_MSG_SIZE", "4MB"),
+            ("RPC_TIMEOUT", "0"),
+            ("RPC_TIMEOUT", "soon"),
+            ("RATE_LIMIT", "lots"),
+            ("RATE_LIMIT_BURST", "0"),
+            ("CORES", "0"),
+            ("QUEUE_DEPTH", "0"),
+            ("LOG_FORMAT", "xml"),
+            ("METRICS_ADDR", "9100"),
+            ("LISTEN_ADDR", "0.0.0.0"),
+            ("REPLICATION_FACTOR", "0"),
+            ("DEAD_NODE_TIMEOUT", "never"),
+            ("TOMBSTONE_TTL", "-1"),
+        ];
+        for (var, value) in cases {
+            let err = parse(&[(var, value)]).expect_err(&format!("{var}={value} accepted"));
+            assert_eq!(err.var, *var);
+            let line = err.to_string();
+            assert!(line.contains(var) && line.contains(value), "{line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+}

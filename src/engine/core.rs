@@ -1,0 +1,328 @@
+//! What one core runs for its shards: the shards themselves, the core's clock, and the
+//! execution of commands that arrive either from this core's ingress or over the mesh. Lives
+//! on one glommio executor; shared by its tasks through `Rc`, never across threads.
+
+use super::{
+    command::{Command, ReplicaEntry, Reply, Request, Response},
+    entry::FLAG_BINARY,
+    hlc::{wall_ms, Hlc, Version},
+    shard::{expiry_tick, expiry_tick_ms, remaining_ms, Shard, ShardStats, Tick, TICKS_PER_SEC},
+};
+use crate::{error::Error, routing};
+use std::{
+    cell::{Cell, RefCell},
+    panic::AssertUnwindSafe,
+    time::{Duration, Instant},
+};
+
+pub struct CoreEngine {
+    core: usize,
+    nr_cores: usize,
+    /// Indexed by `routing::local_index`.
+    shards: RefCell<Vec<Shard>>,
+    clock: RefCell<Hlc>,
+    /// The instant ticks count from; the same for every core of the node.
+    epoch: Instant,
+    panics: Cell<u64>,
+}
+
+/// Splits `capacity` entries over `num_shards` shards as evenly as possible (the first
+/// `capacity % num_shards` shards hold one more).
+pub fn shard_capacity(capacity: u64, num_shards: u32, shard: routing::ShardId) -> usize {
+    let base = capacity / num_shards as u64;
+    let extra = (shard.0 as u64) < capacity % num_shards as u64;
+    (base + extra as u64) as usize
+}
+
+impl CoreEngine {
+    pub fn new(
+        core: usize,
+        nr_cores: usize,
+        num_shards: u32,
+        capacity: u64,
+        node_id: u32,
+        epoch: Instant,
+    ) -> Self {
+        let shards = routing::shards_of_core(core, nr_cores, num_shards)
+            .into_iter()
+            .map(|s| Shard::new(shard_capacity(capacity, num_shards, s)))
+            .collect();
+        Self {
+            core,
+            nr_cores,
+            shards: RefCell::new(shards),
+            clock: RefCell::new(Hlc::new(node_id)),
+            epoch,
+            panics: Cell::new(0),
+        }
+    }
+
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    fn tick(&self, now: Instant) -> Tick {
+        let tenths =
+            now.saturating_duration_since(self.epoch).as_millis() as u64 / (1000 / TICKS_PER_SEC);
+        tenths.min(u32::MAX as u64 - 1) as Tick
+    }
+
+    /// Executes a request for one of this core's shards. A panic inside is caught here, so one
+    /// bad request costs an INTERNAL answer, not the core.
+    pub fn execute(&self, req: Request) -> Response {
+        let now = Instant::now();
+        if now >= req.deadline {
+            return Err(Error::DeadlineExceeded);
+        }
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute_inner(req, now))) {
+            Ok(resp) => resp,
+            Err(panic) => {
+                self.panics.set(self.panics.get() + 1);
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(core = self.core, panic = %msg, "request panicked; answered INTERNAL");
+                Err(Error::Internal("request failed on its core".into()))
+            }
+        }
+    }
+
+    fn execute_inner(&self, req: Request, now: Instant) -> Response {
+        debug_assert_eq!(routing::owner_core(req.shard, self.nr_cores), self.core);
+        let tick = self.tick(now);
+        let mut shards = self.shards.borrow_mut();
+        let shard = &mut shards[routing::local_index(req.shard, self.nr_cores)];
+        match req.command {
+            Command::Get { key } => match shard.get(&key, tick) {
+                Some(found) => Ok(Reply::Value {
+                    value: found.value.to_vec(),
+                    binary: found.flags & FLAG_BINARY != 0,
+                    version: found.version,
+                }),
+                None => Err(Error::not_found(&key)),
+            },
+            Command::Set {
+                key,
+                value,
+                ttl_secs,
+                binary,
+            } => {
+                let version = self.clock.borrow_mut().tick(wall_ms());
+                let flags = if binary { FLAG_BINARY } else { 0 };
+                shard.set(&key, &value, version, expiry_tick(tick, ttl_secs), flags);
+                Ok(Reply::Stored { version })
+            }
+            Command::Delete { key } => Ok(Reply::Deleted {
+                existed: shard.delete(&key, tick),
+            }),
+            Command::Apply(entry) => {
+                self.clock.borrow_mut().observe(entry.version);
+                let expires_at = expiry_tick_ms(tick, entry.ttl_ms);
+                let (applied, existed) = shard.apply(
+                    &entry.key,
+                    &entry.value,
+                    entry.version,
+                    expires_at,
+                    entry.flags,
+                    tick,
+                );
+                Ok(Reply::Applied { applied, existed })
+            }
+            Command::Read { key } => Ok(Reply::Entry(shard.get_entry(&key, tick).map(|f| {
+                ReplicaEntry {
+                    value: f.value.to_vec(),
+                    version: f.version,
+                    ttl_ms: remaining_ms(f.expires_at, tick),
+                    flags: f.flags,
+                    key,
+                }
+            }))),
+        }
+    }
+
+    /// A fresh version from this core's clock, for a write this core coordinates.
+    pub fn next_version(&self) -> Version {
+        self.clock.borrow_mut().tick(wall_ms())
+    }
+
+    /// Milliseconds to live for an entry written now with `ttl_secs` (0 = never), as replicas
+    /// exchange it.
+    pub fn ttl_ms(ttl_secs: Option<u64>) -> u64 {
+        ttl_secs.map(|s| s.saturating_mul(1000)).unwrap_or(0)
+    }
+
+    /// One round of active expiry over every local shard, each bounded by `budget_per_shard`
+    /// slots. Returns the number of entries expired.
+    pub fn sweep(&self, budget_per_shard: usize) -> usize {
+        let tick = self.tick(Instant::now());
+        self.shards
+            .borrow_mut()
+            .iter_mut()
+            .map(|s| s.sweep(tick, budget_per_shard).1)
+            .sum()
+    }
+
+    /// Totals over this core's shards.
+    pub fn stats(&self) -> ShardStats {
+        self.shards
+            .borrow()
+            .iter()
+            .map(Shard::stats)
+            .fold(ShardStats::default(), |a, b| ShardStats {
+                entries: a.entries + b.entries,
+                bytes: a.bytes + b.bytes,
+                evictions: a.evictions + b.evictions,
+                expirations: a.expirations + b.expirations,
+            })
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.panics.get()
+    }
+
+    pub fn nr_local_shards(&self) -> usize {
+        self.shards.borrow().len()
+    }
+}
+
+/// How often each core runs an active-expiry round.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Slots examined per shard per round. A round that finds more than a quarter expired runs
+/// again at once (as Redis's active expiry does), so a mass expiry is reclaimed quickly while
+/// a single round stays in the tens of microseconds.
+pub const SWEEP_BUDGET: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{shard_of, ShardId};
+
+    #[test]
+    fn capacity_split_sums_to_total() {
+        for (cap, n) in [(1000u64, 1u32), (1000, 3), (10, 64), (1_000_000, 64)] {
+            let sum: usize = (0..n).map(|s| shard_capacity(cap, n, ShardId(s))).sum();
+            assert_eq!(sum as u64, cap);
+        }
+    }
+
+    fn req(key: &str, command: Command) -> Request {
+        Request {
+            shard: shard_of(key.as_bytes(), 1),
+            command,
+            deadline: Instant::now() + Duration::from_secs(5),
+            level: crate::cluster::replication::Level::Quorum,
+        }
+    }
+
+    #[test]
+    fn replica_apply_keeps_the_newest_and_reads_tombstones() {
+        use crate::engine::entry::FLAG_TOMBSTONE;
+        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let entry = |hlc: u64, value: &str, flags: u8| {
+            Command::Apply(ReplicaEntry {
+                key: b"k".to_vec(),
+                value: value.into(),
+                version: Version { hlc, node: 1 },
+                ttl_ms: 0,
+                flags,
+            })
+        };
+        assert_eq!(
+            engine.execute(req("k", entry(10, "new", 0))),
+            Ok(Reply::Applied {
+                applied: true,
+                existed: false
+            })
+        );
+        assert_eq!(
+            engine.execute(req("k", entry(5, "old", 0))),
+            Ok(Reply::Applied {
+                applied: false,
+                existed: true
+            })
+        );
+        assert_eq!(
+            engine.execute(req("k", entry(20, "", FLAG_TOMBSTONE))),
+            Ok(Reply::Applied {
+                applied: true,
+                existed: true
+            })
+        );
+        // Clients see nothing; replicas see the tombstone and its version.
+        assert!(matches!(
+            engine.execute(req("k", Command::Get { key: b"k".to_vec() })),
+            Err(Error::NotFound { .. })
+        ));
+        let Ok(Reply::Entry(Some(e))) =
+            engine.execute(req("k", Command::Read { key: b"k".to_vec() }))
+        else {
+            panic!()
+        };
+        assert_eq!((e.version.hlc, e.flags), (20, FLAG_TOMBSTONE));
+        // A stale write cannot resurrect it.
+        assert_eq!(
+            engine.execute(req("k", entry(15, "zombie", 0))),
+            Ok(Reply::Applied {
+                applied: false,
+                existed: false
+            })
+        );
+        // The clock moved past what it observed.
+        assert!(engine.next_version().hlc > 20);
+    }
+
+    #[test]
+    fn executes_and_versions_increase() {
+        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let set = |v: &str| {
+            engine.execute(req(
+                "k",
+                Command::Set {
+                    key: b"k".to_vec(),
+                    value: v.into(),
+                    ttl_secs: None,
+                    binary: false,
+                },
+            ))
+        };
+        let Ok(Reply::Stored { version: v1 }) = set("a") else {
+            panic!()
+        };
+        let Ok(Reply::Stored { version: v2 }) = set("b") else {
+            panic!()
+        };
+        assert!(v2 > v1);
+        assert_eq!(v2.node, 7);
+        let got = engine.execute(req("k", Command::Get { key: b"k".to_vec() }));
+        assert_eq!(
+            got,
+            Ok(Reply::Value {
+                value: b"b".to_vec(),
+                binary: false,
+                version: v2
+            })
+        );
+        let missing = engine.execute(req("x", Command::Get { key: b"x".to_vec() }));
+        assert_eq!(missing, Err(Error::not_found(b"x")));
+    }
+
+    #[test]
+    fn expired_deadline_is_not_executed() {
+        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let mut r = req(
+            "k",
+            Command::Set {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ttl_secs: None,
+                binary: false,
+            },
+        );
+        r.deadline = Instant::now() - Duration::from_millis(1);
+        assert_eq!(engine.execute(r), Err(Error::DeadlineExceeded));
+        let got = engine.execute(req("k", Command::Get { key: b"k".to_vec() }));
+        assert!(matches!(got, Err(Error::NotFound { .. })));
+    }
+}

@@ -1,0 +1,14 @@
+//! The cache engine: what a request is, how one shard stores entries, the clock that versions
+//! them, and what each core runs to serve the shards it owns.
+//!
+//! - [`command`]: the internal request and reply types (no prost types past ingress).
+//! - [`shard`]: one shard's map, LRU order and TTLs; synchronous, runtime-free, `now` passed in.
+//! - [`entry`]: the one-allocation entry layout the shard stores.
+//! - [`hlc`]: hybrid logical clock versions.
+//! - [`core`]: a core's shards, clock and counters; executes commands, sweeps expired entries.
+
+pub mod command;
+pub mod core;
+pub mod entry;
+pub mod hlc;
+pub mod shard;

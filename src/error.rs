@@ -1,0 +1,86 @@
+//! The errors a request can end in, and the one table that maps them to gRPC status codes.
+//!
+//! Built on the owning core (engine errors travel back over the mesh as values) or at ingress;
+//! converted to `tonic::Status` only at ingress.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("key {key:?} not found")]
+    NotFound { key: String },
+    #[error("{0}")]
+    InvalidArgument(&'static str),
+    #[error("core {core} is saturated; request shed")]
+    Overloaded { core: usize },
+    #[error("rate limit exceeded")]
+    RateLimited,
+    #[error("deadline exceeded before the request was served")]
+    DeadlineExceeded,
+    #[error("value of {bytes} bytes exceeds MAX_SEND_MSG_SIZE ({limit} bytes)")]
+    ResponseTooLarge { bytes: usize, limit: usize },
+    #[error("node is shutting down")]
+    ShuttingDown,
+    #[error("not enough replicas: {answered} of {needed} needed answered ({total} replicas)")]
+    Unavailable {
+        answered: usize,
+        needed: usize,
+        total: usize,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn not_found(key: &[u8]) -> Self {
+        Error::NotFound {
+            key: String::from_utf8_lossy(key).into_owned(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotFound { .. } => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Overloaded { .. } | Error::RateLimited | Error::ResponseTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
+            Error::DeadlineExceeded => Code::DeadlineExceeded,
+            Error::ShuttingDown | Error::Unavailable { .. } => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let cases = [
+            (Error::not_found(b"foo"), Code::NotFound),
+            (
+                Error::InvalidArgument("key must not be empty"),
+                Code::InvalidArgument,
+            ),
+            (Error::Overloaded { core: 1 }, Code::ResourceExhausted),
+            (Error::RateLimited, Code::ResourceExhausted),
+            (Error::DeadlineExceeded, Code::DeadlineExceeded),
+            (Error::ShuttingDown, Code::Unavailable),
+            (Error::Internal("boom".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+        assert!(Status::from(Error::not_found(b"foo"))
+            .message()
+            .contains("\"foo\""));
+    }
+}

@@ -1,0 +1,292 @@
+//! Ingress: what each core runs. It joins the mesh, takes ownership of its shards, answers
+//! other cores' requests, and accepts gRPC connections on the shared ADDR (SO_REUSEPORT: the
+//! kernel spreads connections over the cores), serving HTTP/2 with hyper on the core itself.
+//!
+//! - [`grpc`]: the CacheService methods and routing to the owning core.
+//! - [`io`]: hyper <-> glommio adapters.
+//! - [`side`]: reflection and health on a side thread.
+
+pub mod grpc;
+pub mod io;
+pub mod side;
+
+use crate::observability::metrics::CoreMetrics;
+use crate::{
+    cluster::{coordinator::Coordinator, peer::PeerClients, ring::Ring},
+    config::Config,
+    engine::{
+        command::{Command, Request, Response},
+        core::{CoreEngine, SWEEP_BUDGET, SWEEP_INTERVAL},
+    },
+    error::Error,
+};
+use executors::{Handled, Mesh, Router};
+use futures_lite::future;
+use std::{
+    cell::Cell,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+pub type RateLimiter = governor::DefaultDirectRateLimiter;
+
+/// What every core is started with. Built once by the node; `Send`, cloned into each executor.
+#[derive(Clone)]
+pub struct CoreSetup {
+    pub config: Arc<Config>,
+    pub num_shards: u32,
+    pub node_id: u32,
+    pub epoch: Instant,
+    pub mesh: Mesh<Request, Response>,
+    pub side: side::SideHandle,
+    /// One bucket for the whole node, so RATE_LIMIT means what it says whichever core a
+    /// connection lands on. Only present when a limit is set; its atomic is then the one
+    /// shared word on the request path, by the operator's choice.
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Each core reports once: listening, or why it could not.
+    pub ready: crossbeam_channel::Sender<Result<usize, String>>,
+    /// Cores that have finished draining their connections.
+    pub drained: Arc<AtomicUsize>,
+    /// Each core takes one receiver of snapshot requests from here (side::ControlReceiver).
+    pub control: crossbeam_channel::Receiver<side::ControlReceiver>,
+}
+
+/// A core's state shared by its tasks.
+pub struct CoreCtx {
+    pub engine: Rc<CoreEngine>,
+    pub router: Rc<Router<Request, Response>>,
+    pub num_shards: u32,
+    pub default_ttl_secs: Option<u64>,
+    pub max_recv_msg_bytes: usize,
+    pub max_send_msg_bytes: usize,
+    pub rpc_timeout: Duration,
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub side: side::SideHandle,
+    pub metrics: CoreMetrics,
+    pub coordinator: Rc<Coordinator>,
+}
+
+impl CoreCtx {
+    /// Serves a request for one of this core's shards, from this core's ingress or from
+    /// another core: replica commands and keys this node alone holds are answered at once;
+    /// client commands with remote replicas are coordinated asynchronously.
+    pub fn handle_owned(self: &Rc<Self>, req: Request) -> Handled<Response> {
+        let key = match &req.command {
+            Command::Apply(_) | Command::Read { .. } => {
+                return Handled::Ready(self.engine.execute(req))
+            }
+            Command::Get { key } | Command::Set { key, .. } | Command::Delete { key } => key,
+        };
+        let ring = self.coordinator.ring();
+        if self.coordinator.is_local_only(&ring, key) {
+            return Handled::Ready(self.engine.execute(req));
+        }
+        if Instant::now() >= req.deadline {
+            return Handled::Ready(Err(Error::DeadlineExceeded));
+        }
+        Handled::Later(Box::pin(Rc::clone(&self.coordinator).coordinate(req)))
+    }
+}
+
+/// Summary a core returns when it stops.
+#[derive(Debug, Default)]
+pub struct CoreExit {
+    pub core: usize,
+    pub connections_left: usize,
+}
+
+/// The main future of one core.
+pub async fn run_core(setup: CoreSetup) -> CoreExit {
+    let config = Arc::clone(&setup.config);
+    let router = Rc::new(setup.mesh.join().await);
+    let core = router.core();
+    let engine = Rc::new(CoreEngine::new(
+        core,
+        router.nr_cores(),
+        setup.num_shards,
+        config.capacity,
+        setup.node_id,
+        setup.epoch,
+    ));
+    glommio::spawn_local(sweep_forever(Rc::clone(&engine))).detach();
+    let coordinator = Rc::new(Coordinator {
+        engine: Rc::clone(&engine),
+        peers: Rc::new(PeerClients::default()),
+        me: config.addr.clone(),
+        ring: std::cell::RefCell::new(Rc::new(Ring::new(
+            [config.addr.clone()],
+            config.vnodes,
+            config.replication_factor,
+        ))),
+        write_quorum: config.write_quorum,
+        read_quorum: config.read_quorum,
+        tombstone_ttl_secs: config.tombstone_ttl_secs,
+        read_repairs: std::cell::Cell::new(0),
+    });
+
+    let ctx = Rc::new(CoreCtx {
+        engine: Rc::clone(&engine),
+        router: Rc::clone(&router),
+        num_shards: setup.num_shards,
+        default_ttl_secs: config.ttl_secs,
+        max_recv_msg_bytes: config.max_recv_msg_bytes,
+        max_send_msg_bytes: config.max_send_msg_bytes,
+        rpc_timeout: config.rpc_timeout,
+        limiter: setup.limiter.clone(),
+        side: setup.side.clone(),
+        metrics: CoreMetrics::default(),
+        coordinator,
+    });
+    {
+        let ctx = Rc::clone(&ctx);
+        router.serve(move |req| ctx.handle_owned(req));
+    }
+    if let Ok(control) = setup.control.try_recv() {
+        glommio::spawn_local(answer_control(Rc::clone(&ctx), control)).detach();
+    }
+
+    let listener = match glommio::net::TcpListener::bind(config.listen_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = setup
+                .ready
+                .send(Err(format!("cannot listen on {}: {e}", config.addr)));
+            return CoreExit {
+                core,
+                connections_left: 0,
+            };
+        }
+    };
+    let _ = setup.ready.send(Ok(core));
+    tracing::debug!(core, shards = engine.nr_local_shards(), "core serving");
+
+    let connections = Rc::new(Cell::new(0usize));
+    let mut shutdown = setup.shutdown.clone();
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                // Small requests and replies must not wait for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                connections.set(connections.get() + 1);
+                glommio::spawn_local(serve_connection(
+                    Rc::clone(&ctx),
+                    stream,
+                    setup.shutdown.clone(),
+                    Rc::clone(&connections),
+                ))
+                .detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: keep the core up and try again shortly.
+                tracing::warn!(core, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+
+    // Drain: connections were told to finish (GOAWAY); give them until the shutdown timeout.
+    let deadline = Instant::now() + config.shutdown_timeout;
+    while connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let connections_left = connections.get();
+    if connections_left > 0 {
+        tracing::warn!(
+            core,
+            connections_left,
+            "shutdown timeout hit with connections open"
+        );
+    }
+    // Other cores may still be finishing requests that need this core's shards: keep the mesh
+    // served until every core has drained.
+    setup.drained.fetch_add(1, Ordering::SeqCst);
+    let nr_cores = router.nr_cores();
+    while setup.drained.load(Ordering::SeqCst) < nr_cores && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    CoreExit {
+        core,
+        connections_left,
+    }
+}
+
+async fn serve_connection(
+    ctx: Rc<CoreCtx>,
+    stream: glommio::net::TcpStream,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    connections: Rc<Cell<usize>>,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = Rc::clone(&ctx);
+        async move { Ok::<_, std::convert::Infallible>(grpc::dispatch(ctx, req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(io::LocalExec)
+        .serve_connection(io::GlommioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let finished = future::or(async { Some(conn.as_mut().await) }, async {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        None
+    })
+    .await;
+    if finished.is_none() {
+        // GOAWAY: the client opens no new streams here; those in flight complete.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+    connections.set(connections.get() - 1);
+}
+
+/// Answers the side thread: figures for scrapes and the Stats RPC, and new rings.
+async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
+    while let Some(msg) = control.recv().await {
+        let reply_tx = match msg {
+            side::ControlMsg::Ring(ring) => {
+                *ctx.coordinator.ring.borrow_mut() = Rc::new(*ring);
+                continue;
+            }
+            side::ControlMsg::Snapshot(reply_tx) => reply_tx,
+        };
+        let router = &ctx.router;
+        let in_flight = (0..router.nr_cores())
+            .filter(|&c| c != router.core())
+            .map(|c| router.in_flight(c) as u64)
+            .sum();
+        let mut snapshot = ctx.metrics.snapshot(
+            router.core(),
+            in_flight,
+            ctx.engine.stats(),
+            ctx.engine.panics(),
+        );
+        snapshot.replica_calls = ctx.coordinator.peers.outcome_counts();
+        snapshot.read_repairs = ctx.coordinator.read_repairs.get();
+        let _ = reply_tx.send(snapshot);
+    }
+}
+
+async fn sweep_forever(engine: Rc<CoreEngine>) {
+    loop {
+        glommio::timer::sleep(SWEEP_INTERVAL).await;
+        // Keep going while rounds find much to reclaim, yielding between rounds so requests
+        // are not held up.
+        for _ in 0..16 {
+            let shards = engine.nr_local_shards().max(1);
+            let expired = engine.sweep(SWEEP_BUDGET);
+            if expired * 4 < SWEEP_BUDGET * shards {
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The `distributed-cache` binary. Bare (or `serve`): read the configuration, set up logs, run
+//! the node until a signal; a start-up failure is one line on stderr (exit 2 for
+//! configuration, 1 otherwise). With a subcommand: an operator's client (see `--help`).
+
+use clap::Parser;
+use distributed_cache::{cli, config::Config, node, observability};
+
+fn main() {
+    let args = cli::Cli::parse();
+    match args.command {
+        None | Some(cli::Command::Serve) => serve(),
+        Some(command) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("distributed-cache: cannot start a runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            if let Err(e) = runtime.block_on(cli::run(command)) {
+                eprintln!("distributed-cache: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn serve() {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("distributed-cache: {e}");
+            std::process::exit(2);
+        }
+    };
+    observability::init_logging(config.log_format);
+    if let Err(e) = node::run(config) {
+        eprintln!("distributed-cache: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,165 @@
+//! Starting and stopping a node: prerequisites, the cores, the side thread, and the signal
+//! handling around them. Runs on the main thread, which only waits once the cores are up.
+
+use crate::{
+    config::Config,
+    ingress::{
+        self,
+        side::{ClusterSettings, SideThread},
+        CoreSetup,
+    },
+};
+use anyhow::Context as _;
+use executors::{allowed_cores, check_prerequisites, ExecutorOptions, Mesh};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::{
+    sync::{atomic::AtomicUsize, Arc},
+    time::{Duration, Instant},
+};
+
+/// Shards the node will run: NUM_SHARDS, raised to the core count when lower, because a core
+/// without a shard would only forward, adding a hop to every request it accepts.
+pub fn effective_shards(num_shards: u32, nr_cores: usize) -> u32 {
+    num_shards.max(nr_cores as u32)
+}
+
+/// Runs a node until SIGINT or SIGTERM, then drains and returns. A second signal exits at once.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    // Registered first, so a signal during start-up already means "shut down" and never kills
+    // the process half-started.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+
+    check_prerequisites()?;
+    let cpus = allowed_cores(config.cores)?;
+    let nr_cores = cpus.len();
+    let num_shards = effective_shards(config.num_shards, nr_cores);
+    if num_shards != config.num_shards {
+        tracing::warn!(
+            configured = config.num_shards,
+            used = num_shards,
+            cores = nr_cores,
+            "NUM_SHARDS below the core count; raised so every core owns a shard"
+        );
+    }
+
+    let (side, control_receivers) = SideThread::start(
+        nr_cores,
+        config.metrics_addr,
+        ClusterSettings {
+            me: config.addr.clone(),
+            bind: config.listen_addr,
+            seeds: config.peers.clone(),
+            dead_after: config.dead_node_timeout,
+            vnodes: config.vnodes,
+            replication_factor: config.replication_factor,
+            write_quorum: config.write_quorum,
+            read_quorum: config.read_quorum,
+        },
+    )?;
+    let (control_tx, control_rx) = crossbeam_channel::unbounded();
+    for r in control_receivers {
+        let _ = control_tx.send(r);
+    }
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+    let limiter = config.rate_limit.map(|per_sec| {
+        Arc::new(governor::RateLimiter::direct(
+            governor::Quota::per_second(per_sec).allow_burst(config.rate_limit_burst),
+        ))
+    });
+    let setup = CoreSetup {
+        config: Arc::new(config.clone()),
+        num_shards,
+        node_id: (xxhash_rust::xxh3::xxh3_64(config.addr.as_bytes()) >> 32) as u32,
+        epoch: Instant::now(),
+        mesh: Mesh::new(nr_cores, config.queue_depth),
+        side: side.handle.clone(),
+        limiter,
+        shutdown: shutdown_rx,
+        ready: ready_tx,
+        drained: Arc::new(AtomicUsize::new(0)),
+        control: control_rx,
+    };
+    let options = ExecutorOptions {
+        spin_before_park: config.spin_before_park,
+        ..ExecutorOptions::default()
+    };
+    let executors = executors::start(&cpus, &options, move |_core| {
+        ingress::run_core(setup.clone())
+    })?;
+
+    let mut failure = None;
+    for _ in 0..nr_cores {
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(_) => failure = failure.or(Some("a core did not start within 30 s".to_string())),
+        }
+    }
+    if let Some(reason) = failure {
+        let _ = shutdown_tx.send(true);
+        executors.join();
+        side.stop();
+        anyhow::bail!(reason);
+    }
+    tracing::info!(
+        addr = %config.addr,
+        listen = %config.listen_addr,
+        cores = ?cpus.iter().map(|c| c.0).collect::<Vec<_>>(),
+        shards = num_shards,
+        capacity = config.capacity,
+        ttl_secs = config.ttl_secs.unwrap_or(0),
+        rate_limit = config.rate_limit.map(|r| r.get()).unwrap_or(0),
+        metrics = %config.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        "distributed-cache listening"
+    );
+
+    let first = signals.forever().next();
+    tracing::info!(signal = ?first, "shutting down: leaving the cluster, then draining");
+    // Peers first stop routing here, then the node drains what is in flight.
+    side.leave(Duration::from_secs(2));
+    side.set_not_serving();
+    let _ = shutdown_tx.send(true);
+    std::thread::Builder::new()
+        .name("second-signal".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                eprintln!("second signal: exiting at once");
+                std::process::exit(130);
+            }
+        })?;
+
+    let mut panicked = false;
+    for result in executors.join() {
+        match result {
+            Ok(Some(exit)) if exit.connections_left > 0 => {
+                tracing::warn!(
+                    core = exit.core,
+                    open = exit.connections_left,
+                    "connections cut at shutdown timeout"
+                );
+            }
+            Ok(_) => {}
+            Err(_) => panicked = true,
+        }
+    }
+    side.stop();
+    if panicked {
+        anyhow::bail!("a core panicked during shutdown");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_raised_to_the_core_count() {
+        assert_eq!(effective_shards(1, 2), 2);
+        assert_eq!(effective_shards(64, 2), 64);
+        assert_eq!(effective_shards(3, 2), 3);
+    }
+}

@@ -1,0 +1,471 @@
+//! Metrics: each core counts into its own plain counters (no atomics, no locks: the core is
+//! the only writer), and a scrape gathers a [`CoreSnapshot`] from every core by message and
+//! renders them with prometheus-client on the side thread. Counting runs on every core's
+//! executor; gathering and rendering run on the side thread.
+
+use crate::engine::shard::ShardStats;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use std::cell::Cell;
+use tonic::Code;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    Get = 0,
+    Set = 1,
+    Delete = 2,
+}
+
+pub const CMDS: [(Cmd, &str); 3] = [
+    (Cmd::Get, "get"),
+    (Cmd::Set, "set"),
+    (Cmd::Delete, "delete"),
+];
+
+/// Upper bounds of the latency buckets, seconds.
+pub const LATENCY_BUCKETS_SECS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+const NR_CODES: usize = 17;
+
+/// A latency histogram owned by one core.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    /// Non-cumulative counts per bucket, the last one being +Inf.
+    pub buckets: [u64; LATENCY_BUCKETS_SECS.len() + 1],
+    pub sum_secs: f64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    fn observe(&mut self, secs: f64) {
+        let i = LATENCY_BUCKETS_SECS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS_SECS.len());
+        self.buckets[i] += 1;
+        self.sum_secs += secs;
+        self.count += 1;
+    }
+}
+
+/// One core's request counters. Lives in the core's context; only that core touches it.
+#[derive(Default)]
+pub struct CoreMetrics {
+    requests: [[Cell<u64>; NR_CODES]; 3],
+    latency: [std::cell::RefCell<LatencyHistogram>; 3],
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+    rate_limited: Cell<u64>,
+    shed: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
+impl CoreMetrics {
+    pub fn record(&self, cmd: Cmd, code: Code, secs: f64) {
+        let code = (code as usize).min(NR_CODES - 1);
+        bump(&self.requests[cmd as usize][code]);
+        self.latency[cmd as usize].borrow_mut().observe(secs);
+    }
+
+    pub fn hit(&self) {
+        bump(&self.hits);
+    }
+
+    pub fn miss(&self) {
+        bump(&self.misses);
+    }
+
+    pub fn rate_limited(&self) {
+        bump(&self.rate_limited);
+    }
+
+    pub fn shed(&self) {
+        bump(&self.shed);
+    }
+
+    pub fn snapshot(
+        &self,
+        core: usize,
+        in_flight: u64,
+        engine: ShardStats,
+        panics: u64,
+    ) -> CoreSnapshot {
+        let mut requests = Vec::new();
+        for (cmd, name) in CMDS {
+            for code in 0..NR_CODES {
+                let n = self.requests[cmd as usize][code].get();
+                if n > 0 {
+                    requests.push((name, code_name(code as i32), n));
+                }
+            }
+        }
+        CoreSnapshot {
+            core,
+            requests,
+            latency: CMDS
+                .map(|(cmd, name)| (name, self.latency[cmd as usize].borrow().clone()))
+                .to_vec(),
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            rate_limited: self.rate_limited.get(),
+            shed: self.shed.get(),
+            in_flight,
+            engine,
+            panics,
+            replica_calls: Vec::new(),
+            read_repairs: 0,
+        }
+    }
+}
+
+/// The gRPC code's canonical name (OK, NOT_FOUND, ...), as grpc-go and Prometheus users know them.
+pub fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        _ => "UNAUTHENTICATED",
+    }
+}
+
+/// What one core reports when asked.
+#[derive(Debug, Clone, Default)]
+pub struct CoreSnapshot {
+    pub core: usize,
+    /// (command, code, count), non-zero only.
+    pub requests: Vec<(&'static str, &'static str, u64)>,
+    pub latency: Vec<(&'static str, LatencyHistogram)>,
+    pub hits: u64,
+    pub misses: u64,
+    pub rate_limited: u64,
+    pub shed: u64,
+    /// Calls this core has outstanding towards other cores.
+    pub in_flight: u64,
+    /// Totals of the shards this core owns.
+    pub engine: ShardStats,
+    pub panics: u64,
+    /// (peer, outcome, count) of replica calls this core made.
+    pub replica_calls: Vec<(String, &'static str, u64)>,
+    pub read_repairs: u64,
+}
+
+/// Everything a scrape renders: the cores' snapshots plus process figures.
+#[derive(Debug, Default)]
+pub struct NodeSnapshot {
+    pub cores: Vec<CoreSnapshot>,
+    /// (state, number of members in it), this node included.
+    pub members: Vec<(&'static str, u64)>,
+    pub rss_bytes: u64,
+    pub uptime_secs: f64,
+}
+
+/// Resident set size of this process, from /proc.
+pub fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn core_label(core: usize) -> Labels {
+    vec![("core", core.to_string())]
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(NodeSnapshot);
+
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cores = &self.0.cores;
+        let per_core = |f: &dyn Fn(&CoreSnapshot) -> u64| -> Vec<(Labels, u64)> {
+            cores.iter().map(|c| (core_label(c.core), f(c))).collect()
+        };
+        let requests: Vec<(Labels, u64)> = cores
+            .iter()
+            .flat_map(|c| {
+                c.requests.iter().map(move |(cmd, code, n)| {
+                    (
+                        vec![
+                            ("core", c.core.to_string()),
+                            ("command", cmd.to_string()),
+                            ("code", code.to_string()),
+                        ],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_requests",
+            "Client requests answered, by core, command and gRPC status.",
+            &requests,
+        )?;
+
+        {
+            let mut m = encoder.encode_descriptor(
+                "cache_request_duration_seconds",
+                "Time from a request's arrival at ingress to its answer, by core and command.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for c in cores {
+                for (cmd, h) in &c.latency {
+                    let labels: Labels =
+                        vec![("core", c.core.to_string()), ("command", cmd.to_string())];
+                    // The encoder accumulates the per-bucket counts itself.
+                    let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_SECS
+                        .iter()
+                        .copied()
+                        .chain([f64::INFINITY])
+                        .zip(h.buckets.iter().copied())
+                        .collect();
+                    m.encode_family(&labels)?
+                        .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &buckets, None)?;
+                }
+            }
+        }
+        counter_family(
+            &mut encoder,
+            "cache_get_hits",
+            "Gets that found a live entry.",
+            &per_core(&|c| c.hits),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_get_misses",
+            "Gets that found no live entry.",
+            &per_core(&|c| c.misses),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_rate_limited_requests",
+            "Requests refused by RATE_LIMIT.",
+            &per_core(&|c| c.rate_limited),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_shed_requests",
+            "Requests refused because the owning core's queue was full.",
+            &per_core(&|c| c.shed),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_evictions",
+            "Entries evicted by LRU, by owning core.",
+            &per_core(&|c| c.engine.evictions),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_expirations",
+            "Entries expired by TTL, by owning core.",
+            &per_core(&|c| c.engine.expirations),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_panics",
+            "Requests that panicked on their core.",
+            &per_core(&|c| c.panics),
+        )?;
+        let gauge = |f: &dyn Fn(&CoreSnapshot) -> u64| -> Vec<(Labels, i64)> {
+            cores
+                .iter()
+                .map(|c| (core_label(c.core), f(c) as i64))
+                .collect()
+        };
+        gauge_family(
+            &mut encoder,
+            "cache_entries",
+            "Entries held, by owning core.",
+            &gauge(&|c| c.engine.entries),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_entry_bytes",
+            "Bytes of entries held (header, key, value), by owning core.",
+            &gauge(&|c| c.engine.bytes),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_queue_depth",
+            "Requests this core has outstanding towards other cores.",
+            &gauge(&|c| c.in_flight),
+        )?;
+        let replica_calls: Vec<(Labels, u64)> = cores
+            .iter()
+            .flat_map(|c| {
+                c.replica_calls.iter().map(move |(peer, outcome, n)| {
+                    (
+                        vec![
+                            ("core", c.core.to_string()),
+                            ("peer", peer.clone()),
+                            ("outcome", outcome.to_string()),
+                        ],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_replica_calls",
+            "Calls to other nodes' replicas, by core, peer and outcome (ok, error, timeout).",
+            &replica_calls,
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_read_repairs",
+            "Replicas brought up to date by reads, by coordinating core.",
+            &per_core(&|c| c.read_repairs),
+        )?;
+        let members: Vec<(Labels, i64)> = self
+            .0
+            .members
+            .iter()
+            .map(|(state, n)| (vec![("state", state.to_string())], *n as i64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "cache_members",
+            "Cluster members known to this node, by state.",
+            &members,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident set size.",
+            &[(Vec::new(), self.0.rss_bytes as i64)],
+        )?;
+        let mut m = encoder.encode_descriptor(
+            "process_uptime_seconds",
+            "Seconds since the node started.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.0.uptime_secs)
+            .encode(m.encode_family(&Vec::<(&str, String)>::new())?)?;
+        Ok(())
+    }
+}
+
+/// The Prometheus text exposition of a node snapshot.
+pub fn render(snapshot: NodeSnapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_render_with_core_labels() {
+        let m = CoreMetrics::default();
+        m.record(Cmd::Set, Code::Ok, 0.0001);
+        m.record(Cmd::Set, Code::Ok, 0.002);
+        m.record(Cmd::Get, Code::NotFound, 0.00002);
+        m.miss();
+        let snap = m.snapshot(
+            1,
+            3,
+            ShardStats {
+                entries: 5,
+                bytes: 700,
+                evictions: 2,
+                expirations: 1,
+            },
+            0,
+        );
+        let text = render(NodeSnapshot {
+            members: vec![("ALIVE", 3)],
+            cores: vec![snap],
+            rss_bytes: 1 << 20,
+            uptime_secs: 1.5,
+        });
+        assert!(
+            text.contains(r#"cache_requests_total{core="1",command="set",code="OK"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cache_requests_total{core="1",command="get",code="NOT_FOUND"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"cache_request_duration_seconds_bucket{core="1",command="set",le="0.0001"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cache_request_duration_seconds_count{core="1",command="set"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"cache_entries{core="1"} 5"#), "{text}");
+        assert!(text.contains(r#"cache_queue_depth{core="1"} 3"#), "{text}");
+        assert!(
+            text.contains("process_resident_memory_bytes 1048576"),
+            "{text}"
+        );
+    }
+}
