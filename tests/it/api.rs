@@ -1,0 +1,363 @@
+//! The CacheService contract against a running node.
+
+use crate::support::{wait_until, Node};
+use distributed_cache::pb::{get_response, set_request, DeleteRequest, GetRequest, SetRequest};
+use std::time::Duration;
+use tonic::Code;
+
+fn set_str(key: &str, value: &str) -> SetRequest {
+    SetRequest {
+        key: key.into(),
+        payload: Some(set_request::Payload::Value(value.into())),
+        ttl_seconds: None,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn set_get_delete_round_trip() {
+    let node = Node::start(&[]).await;
+    let mut c = node.client().await.unwrap();
+    let v1 = c
+        .set(set_str("foo", "bar"))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    let got = c
+        .get(GetRequest {
+            key: "foo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.payload,
+        Some(get_response::Payload::Value("bar".into()))
+    );
+    assert_eq!(
+        got.version.unwrap(),
+        v1,
+        "Get returns the version Set issued"
+    );
+
+    let v2 = c
+        .set(set_str("foo", "baz"))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    assert!(v2.hlc > v1.hlc, "versions increase: {v1:?} then {v2:?}");
+
+    assert!(
+        c.delete(DeleteRequest {
+            key: "foo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted
+    );
+    let err = c
+        .get(GetRequest {
+            key: "foo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("foo"), "{}", err.message());
+    assert!(
+        !c.delete(DeleteRequest {
+            key: "foo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted
+    );
+}
+
+#[tokio::test]
+async fn missing_key_and_empty_key() {
+    let node = Node::start(&[]).await;
+    let mut c = node.client().await.unwrap();
+    let err = c
+        .get(GetRequest {
+            key: "never-set".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("never-set"));
+    for status in [
+        c.get(GetRequest {
+            key: "".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        c.set(set_str("", "x")).await.unwrap_err(),
+        c.delete(DeleteRequest {
+            key: "".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn binary_values_are_returned_byte_for_byte() {
+    let node = Node::start(&[]).await;
+    let mut c = node.client().await.unwrap();
+    let value: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    assert!(std::str::from_utf8(&value).is_err());
+    c.set(SetRequest {
+        key: "bin".into(),
+        payload: Some(set_request::Payload::ValueBytes(value.clone())),
+        ttl_seconds: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let got = c
+        .get(GetRequest {
+            key: "bin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.payload, Some(get_response::Payload::ValueBytes(value)));
+    // Bytes that happen to be UTF-8 still come back in the form they were set in.
+    c.set(SetRequest {
+        key: "bin2".into(),
+        payload: Some(set_request::Payload::ValueBytes(b"plain".to_vec())),
+        ttl_seconds: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let got = c
+        .get(GetRequest {
+            key: "bin2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.payload,
+        Some(get_response::Payload::ValueBytes(b"plain".to_vec()))
+    );
+}
+
+/// Keys land on every core; each is set over one connection and read over others.
+#[tokio::test]
+async fn keys_on_every_core_are_served_from_any_connection() {
+    let node = Node::start(&[("NUM_SHARDS", "8"), ("CAPACITY", "10000")]).await;
+    let mut writer = node.client().await.unwrap();
+    for i in 0..300 {
+        writer
+            .set(set_str(&format!("key-{i}"), &format!("value-{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..4 {
+        let mut reader = node.client().await.unwrap();
+        for i in 0..300 {
+            let got = reader
+                .get(GetRequest {
+                    key: format!("key-{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                got.payload,
+                Some(get_response::Payload::Value(format!("value-{i}")))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn ttl_expiry_per_request_and_default() {
+    let node = Node::start(&[("TTL", "2")]).await;
+    let mut c = node.client().await.unwrap();
+    c.set(SetRequest {
+        key: "short".into(),
+        payload: Some(set_request::Payload::Value("x".into())),
+        ttl_seconds: Some(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.set(set_str("default", "y")).await.unwrap();
+    c.set(SetRequest {
+        key: "forever".into(),
+        payload: Some(set_request::Payload::Value("z".into())),
+        ttl_seconds: Some(0),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.get(GetRequest {
+            key: "short".into(),
+            ..Default::default()
+        })
+        .await
+        .is_ok(),
+        "alive right after Set"
+    );
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(5), "short to expire", || {
+        let mut c = c.clone();
+        async move {
+            c.get(GetRequest {
+                key: "short".into(),
+                ..Default::default()
+            })
+            .await
+            .err()
+            .map(|e| e.code())
+                == Some(Code::NotFound)
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "expired early: {:?}",
+        started.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(6),
+        "the node's TTL to expire default",
+        || {
+            let mut c = c.clone();
+            async move {
+                c.get(GetRequest {
+                    key: "default".into(),
+                    ..Default::default()
+                })
+                .await
+                .err()
+                .map(|e| e.code())
+                    == Some(Code::NotFound)
+            }
+        },
+    )
+    .await;
+    assert!(
+        c.get(GetRequest {
+            key: "forever".into(),
+            ..Default::default()
+        })
+        .await
+        .is_ok(),
+        "ttl_seconds=0 never expires"
+    );
+}
+
+#[tokio::test]
+async fn capacity_holds_across_more_shards_than_cores() {
+    let node = Node::start(&[("NUM_SHARDS", "4"), ("CAPACITY", "100")]).await;
+    let mut c = node.client().await.unwrap();
+    for i in 0..1000 {
+        c.set(set_str(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let mut present = 0;
+    for i in 0..1000 {
+        match c
+            .get(GetRequest {
+                key: format!("k{i}"),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => present += 1,
+            Err(e) => assert_eq!(e.code(), Code::NotFound),
+        }
+    }
+    // 4 shards of 25, each offered ~250 keys: every shard is full, none over.
+    assert_eq!(present, 100);
+    assert!(
+        c.get(GetRequest {
+            key: "k999".into(),
+            ..Default::default()
+        })
+        .await
+        .is_ok(),
+        "the newest key survives"
+    );
+}
+
+/// Sends one gRPC Set with a raw HTTP/2 client, so that nothing on the client side enforces
+/// the `grpc-timeout` it carries: the answer is the server's. Returns the grpc-status.
+async fn raw_set_with_timeout(addr: &str, key: &str, grpc_timeout: &str) -> String {
+    use prost::Message;
+    let msg = set_str(key, "v").encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/pb.CacheService/Set"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", grpc_timeout)
+        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    // An error answer is trailers-only: the status is in the headers.
+    resp.headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_else(|| "0".into())
+}
+
+#[tokio::test]
+async fn expired_deadline_is_refused_and_not_executed() {
+    let node = Node::start(&[]).await;
+    // 1 ns: expired by the time the server looks at it.
+    assert_eq!(
+        raw_set_with_timeout(&node.addr, "late", "1n").await,
+        "4",
+        "DEADLINE_EXCEEDED"
+    );
+    let mut c = node.client().await.unwrap();
+    let err = c
+        .get(GetRequest {
+            key: "late".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "the late Set was not executed");
+    // The same request with time to spare is executed.
+    assert_eq!(raw_set_with_timeout(&node.addr, "timely", "5S").await, "0");
+    assert!(c
+        .get(GetRequest {
+            key: "timely".into(),
+            ..Default::default()
+        })
+        .await
+        .is_ok());
+}

@@ -1,0 +1,413 @@
+//! Clusters of real processes on loopback: placement, quorum, failures, repair, joins and
+//! leaves. Each node has its own free port (TCP for gRPC, the same number over UDP for gossip).
+
+use crate::support::{free_port, wait_until, Node};
+use distributed_cache::pb::{
+    get_response, node_service_client::NodeServiceClient, set_request, Consistency, GetRequest,
+    MembersRequest, SetRequest, StatsRequest, Version,
+};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+/// A free port whose number is also free over UDP.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn set(key: &str, value: &str) -> SetRequest {
+    SetRequest {
+        key: key.into(),
+        payload: Some(set_request::Payload::Value(value.into())),
+        ..Default::default()
+    }
+}
+
+fn get(key: &str, level: Consistency) -> GetRequest {
+    GetRequest {
+        key: key.into(),
+        consistency: level as i32,
+    }
+}
+
+async fn start_node(addr: &str, seed: &str, extra: &[(&str, &str)]) -> Node {
+    let mut env = vec![("ADDR", addr), ("PEERS", seed), ("RPC_TIMEOUT", "2")];
+    env.extend_from_slice(extra);
+    Node::start(&env).await
+}
+
+/// Members as `node` sees them: (addr, state).
+async fn members(node: &Node) -> Vec<(String, String)> {
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return Vec::new();
+    };
+    match NodeServiceClient::new(channel)
+        .members(MembersRequest {})
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .members
+            .into_iter()
+            .map(|m| (m.addr, m.state))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Waits until every node sees every address in `addrs` as ALIVE.
+async fn wait_converged(nodes: &[&Node], addrs: &[String]) {
+    for node in nodes {
+        wait_until(
+            Duration::from_secs(20),
+            "membership to converge",
+            || async {
+                let m = members(node).await;
+                addrs
+                    .iter()
+                    .all(|a| m.iter().any(|(addr, state)| addr == a && state == "ALIVE"))
+            },
+        )
+        .await;
+    }
+}
+
+async fn cluster(n: usize, extra: &[(&str, &str)]) -> (Vec<Node>, Vec<String>) {
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
+        .collect();
+    let mut nodes = Vec::new();
+    for a in &addrs {
+        nodes.push(start_node(a, &addrs[0], extra).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+    (nodes, addrs)
+}
+
+fn value_of(r: &distributed_cache::pb::GetResponse) -> String {
+    match &r.payload {
+        Some(get_response::Payload::Value(v)) => v.clone(),
+        other => panic!("unexpected payload {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn set_through_one_node_get_through_another() {
+    let (nodes, _) = cluster(3, &[]).await;
+    let mut c1 = nodes[0].client().await.unwrap();
+    let mut c3 = nodes[2].client().await.unwrap();
+    let v = c1
+        .set(set("foo", "bar"))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    let got = c3
+        .get(get("foo", Consistency::Quorum))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(value_of(&got), "bar");
+    assert_eq!(got.version.unwrap(), v, "the same version on every node");
+    // Every node can coordinate, for keys on every core.
+    for i in 0..50 {
+        let mut c = nodes[i % 3].client().await.unwrap();
+        c.set(set(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .unwrap();
+        let mut r = nodes[(i + 1) % 3].client().await.unwrap();
+        let got = r
+            .get(get(&format!("k{i}"), Consistency::Quorum))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(value_of(&got), format!("v{i}"));
+    }
+}
+
+#[tokio::test]
+async fn quorum_survives_one_failure_and_refuses_on_two_then_recovers() {
+    let (mut nodes, addrs) = cluster(3, &[]).await;
+    let mut c1 = nodes[0].client().await.unwrap();
+    c1.set(set("before", "1")).await.unwrap();
+
+    nodes[2].signal(libc::SIGKILL);
+    nodes[2].wait_exit(Duration::from_secs(5)).await;
+    for i in 0..20 {
+        c1.set(set(&format!("one-down-{i}"), "x")).await.unwrap();
+        let mut c2 = nodes[1].client().await.unwrap();
+        let got = c2
+            .get(get(&format!("one-down-{i}"), Consistency::Quorum))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(value_of(&got), "x");
+    }
+    assert_eq!(
+        value_of(
+            &c1.get(get("before", Consistency::Quorum))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        "1"
+    );
+
+    nodes[1].signal(libc::SIGKILL);
+    nodes[1].wait_exit(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let err = c1.set(set("two-down", "x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("1 of 2"),
+        "names the count: {}",
+        err.message()
+    );
+    let err = c1
+        .get(get("before", Consistency::Quorum))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused quickly, not a hang: {:?}",
+        started.elapsed()
+    );
+    // ONE still works on the survivor.
+    assert_eq!(
+        value_of(
+            &c1.get(get("before", Consistency::One))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        "1"
+    );
+
+    // Restart both with the same addresses: they rejoin as themselves.
+    nodes[1] = start_node(&addrs[1], &addrs[0], &[]).await;
+    nodes[2] = start_node(&addrs[2], &addrs[0], &[]).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+    wait_until(Duration::from_secs(10), "writes to succeed again", || {
+        let mut c = c1.clone();
+        async move { c.set(set("after", "y")).await.is_ok() }
+    })
+    .await;
+    let mut c3 = nodes[2].client().await.unwrap();
+    assert_eq!(
+        value_of(
+            &c3.get(get("after", Consistency::Quorum))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        "y"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_writers_converge_on_the_highest_version() {
+    let (nodes, _) = cluster(3, &[]).await;
+    let mut writers = Vec::new();
+    for (w, node) in nodes.iter().enumerate() {
+        let mut c = node.client().await.unwrap();
+        writers.push(tokio::spawn(async move {
+            let mut versions: Vec<(Version, String)> = Vec::new();
+            for i in 0..50 {
+                let value = format!("w{w}-{i}");
+                if let Ok(r) = c.set(set("contended", &value)).await {
+                    versions.push((r.into_inner().version.unwrap(), value));
+                }
+            }
+            versions
+        }));
+    }
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    let (winner_version, winner_value) = all
+        .iter()
+        .max_by_key(|(v, _)| (v.hlc, v.node))
+        .cloned()
+        .unwrap();
+    for node in &nodes {
+        let mut c = node.client().await.unwrap();
+        let got = c
+            .get(get("contended", Consistency::Quorum))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.version.unwrap(), winner_version);
+        assert_eq!(value_of(&got), winner_value);
+    }
+}
+
+#[tokio::test]
+async fn a_read_repairs_a_stale_replica() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
+        .collect();
+    let mut nodes =
+        vec![start_node(&addrs[0], &addrs[0], &[("METRICS_ADDR", &metrics_addr)]).await];
+    for a in &addrs[1..] {
+        nodes.push(start_node(a, &addrs[0], &[]).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+    let mut c1 = nodes[0].client().await.unwrap();
+    // Node 3 restarts empty, so it is stale for everything written before.
+    c1.set(set("repair-me", "fresh")).await.unwrap();
+    nodes[2].signal(libc::SIGKILL);
+    nodes[2].wait_exit(Duration::from_secs(5)).await;
+    nodes[2] = start_node(&addrs[2], &addrs[0], &[]).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+    let mut c3 = nodes[2].client().await.unwrap();
+    // A ONE read coordinated by node 3 answers from its own replica first: stale.
+    let err = c3
+        .get(get("repair-me", Consistency::One))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // A read that involves every replica repairs node 3.
+    let got = c1
+        .get(get("repair-me", Consistency::All))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(value_of(&got), "fresh");
+    wait_until(Duration::from_secs(5), "node 3 to be repaired", || {
+        let mut c = c3.clone();
+        async move {
+            c.get(get("repair-me", Consistency::One))
+                .await
+                .map(|r| value_of(&r.into_inner()) == "fresh")
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    // The coordinator counted the repair, its replica calls and the members it sees.
+    let text = crate::metrics::scrape(&metrics_addr);
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    assert!(sum("cache_read_repairs_total") >= 1.0, "{text}");
+    assert!(sum("cache_replica_calls_total{") >= 2.0, "{text}");
+    assert!(text.contains("cache_members{state=\"ALIVE\"} 3"), "{text}");
+}
+
+#[tokio::test]
+async fn join_and_graceful_leave_under_a_writer() {
+    let (mut nodes, mut addrs) = cluster(3, &[]).await;
+    let mut c1 = nodes[0].client().await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut c = c1.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            // Bounded: at most 200k writes, stopped by the test long before.
+            for i in 0..200_000u32 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match c.set(set(&format!("live-{i}"), "v")).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // A 4th node joins.
+    let a4 = format!("127.0.0.1:{}", free_cluster_port());
+    nodes.push(start_node(&a4, &addrs[0], &[]).await);
+    addrs.push(a4);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+    // Node 2 leaves gracefully.
+    nodes[1].signal(libc::SIGTERM);
+    let status = nodes[1].wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    let gone = addrs[1].clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the leaver to be out of the ring",
+        || async {
+            let m = members(&nodes[0]).await;
+            !m.iter().any(|(a, s)| *a == gone && s == "ALIVE")
+        },
+    )
+    .await;
+    // A little more load on the new topology, then stop.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        c1.set(set("after-leave", "x")).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = writer.await.unwrap();
+    assert!(ok > 100, "{ok} writes");
+    assert!(
+        failed.is_empty(),
+        "writes failed during join/leave: {failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn five_nodes_spread_keys_within_15_percent() {
+    let (nodes, _) = cluster(5, &[("CAPACITY", "100000")]).await;
+    let mut c = nodes[0].client().await.unwrap();
+    for i in 0..10_000 {
+        c.set(set(&format!("spread-{i}"), "v")).await.unwrap();
+    }
+    // Writes past the quorum finish in the background: wait for all 30,000 copies.
+    async fn held(nodes: &[Node]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for node in nodes {
+            let channel = tonic::transport::Endpoint::from_shared(node.url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let stats = NodeServiceClient::new(channel)
+                .stats(StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            out.push(stats.cores.iter().map(|c| c.entries).sum::<u64>());
+        }
+        out
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "every replica write to land",
+        || async { held(&nodes).await.iter().sum::<u64>() == 30_000 },
+    )
+    .await;
+    let held = held(&nodes).await;
+    let mean = 30_000.0 / 5.0;
+    for (i, n) in held.iter().enumerate() {
+        let off = (*n as f64 - mean).abs() / mean;
+        assert!(
+            off <= 0.15,
+            "node {i} holds {n}, {:.1}% from the mean {mean}",
+            off * 100.0
+        );
+    }
+}

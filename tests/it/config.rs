@@ -1,0 +1,45 @@
+//! Bad configuration stops the node before it starts, with one line naming the variable.
+
+use crate::support::run_expecting_failure;
+
+#[test]
+fn invalid_variables_are_refused_with_one_line() {
+    let cases = [
+        ("NUM_SHARDS", "0"),
+        ("CAPACITY", "abc"),
+        ("TTL", "-5"),
+        ("ADDR", "localhost"),
+        ("RATE_LIMIT", "lots"),
+        ("MAX_RECV_MSG_SIZE", "big"),
+        ("RPC_TIMEOUT", "-1"),
+    ];
+    for (var, value) in cases {
+        let (status, stderr) = run_expecting_failure(&[(var, value)]);
+        assert!(!status.success(), "{var}={value} started");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{var}={value}: expected one line, got {stderr:?}"
+        );
+        assert!(
+            lines[0].contains(var) && lines[0].contains(value),
+            "{}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn port_in_use_is_one_line() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let (status, stderr) =
+        run_expecting_failure(&[("ADDR", &addr), ("LOG_FORMAT", "text"), ("RUST_LOG", "off")]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -1,0 +1,13 @@
+//! Multi-process tests: the real `distributed-cache` binary on free loopback ports, driven by
+//! real gRPC clients (tonic, and grpcurl). One binary keeps link time down.
+
+mod api;
+mod cli;
+mod cluster;
+mod config;
+mod grpcurl;
+mod limits;
+mod metrics;
+mod shutdown;
+mod support;
+mod taskset;

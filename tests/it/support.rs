@@ -1,0 +1,212 @@
+//! Shared test support: start the real binary on a free port, wait for it with a deadline,
+//! talk to it with the generated tonic client, and always reap it (Drop kills and waits).
+
+use distributed_cache::pb::cache_service_client::CacheServiceClient;
+use std::{
+    io::Read,
+    net::TcpListener,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_distributed-cache");
+
+/// A port that was free a moment ago (the kernel picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Node {
+    pub child: Child,
+    pub addr: String,
+    log_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts a node on a free loopback port with `env` on top of the defaults, and waits
+    /// until it answers a health check.
+    pub async fn start(env: &[(&str, &str)]) -> Node {
+        Self::start_with(None, env).await
+    }
+
+    /// As `start`, run under `wrapper` (for example `taskset -c 1`).
+    pub async fn start_with(wrapper: Option<&[&str]>, env: &[(&str, &str)]) -> Node {
+        let addr = env
+            .iter()
+            .find(|(k, _)| *k == "ADDR")
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log_path = dir.path().join("node.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new(w[0]);
+                c.args(&w[1..]).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.env("ADDR", &addr)
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawning distributed-cache");
+        let mut node = Node {
+            child,
+            addr,
+            log_path,
+            _dir: dir,
+        };
+        node.wait_ready().await;
+        node
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("node exited during start-up with {status}: {}", self.log());
+            }
+            if let Ok(mut c) = self.client().await {
+                if c.get(distributed_cache::pb::GetRequest {
+                    key: "__ready".into(),
+                    ..Default::default()
+                })
+                .await
+                .err()
+                .map(|s| s.code())
+                    == Some(tonic::Code::NotFound)
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node not ready within 20 s: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A fresh connection (its own HTTP/2 connection, so possibly another core).
+    pub async fn client(&self) -> Result<CacheServiceClient<Channel>, tonic::transport::Error> {
+        let channel = Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(CacheServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not exit within {timeout:?}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary with `env` and expects it to refuse to start; returns (exit status, stderr).
+pub fn run_expecting_failure(env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.env("ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawning distributed-cache");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node with {env:?} did not exit within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .expect("reading stderr");
+    (status, stderr)
+}
