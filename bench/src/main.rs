@@ -1,0 +1,279 @@
+//! cache-bench: load generator for distributed-cache, baseline servers, and side-by-side
+//! comparison. See `cache-bench --help`.
+
+mod baseline;
+mod compare;
+mod run;
+mod stats;
+mod workload;
+
+use clap::{Args, Parser, Subcommand};
+use std::{path::PathBuf, time::Duration};
+use workload::{KeyDist, Workload};
+
+#[derive(Parser)]
+#[command(
+    name = "cache-bench",
+    version,
+    about = "Load generator and baselines for distributed-cache"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load a node or a cluster and report throughput, latency and errors.
+    Run {
+        /// host:port[,host:port...]; requests are spread over all of them.
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_target)]
+        target: Vec<String>,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Write every figure and the settings as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Serve pb.CacheService with plain tonic: `none` (the gRPC ceiling) or `mutex` (sharded Mutex<LruCache>).
+    Baseline {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        addr: std::net::SocketAddr,
+        #[arg(long, value_enum, default_value = "none")]
+        store: baseline::Store,
+        #[arg(long, default_value_t = 1_000_000)]
+        capacity: usize,
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+    },
+    /// Run the ceiling, the mutex baseline and the node alternately (A B C, several rounds) with
+    /// the same load, and print medians, spreads and ratios.
+    Compare {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// The distributed-cache binary (default: next to this one).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        /// Extra environment for the node, KEY=VALUE (repeatable), e.g. NUM_SHARDS=64.
+        #[arg(long = "node-env", value_parser = parse_env)]
+        node_env: Vec<(String, String)>,
+        /// Also run a second node variant ("node-b") in the same rotation: this binary...
+        #[arg(long)]
+        node_b_bin: Option<PathBuf>,
+        /// ...and/or this extra environment (repeatable), e.g. METRICS_ADDR=127.0.0.1:9100.
+        #[arg(long = "node-b-env", value_parser = parse_env)]
+        node_b_env: Vec<(String, String)>,
+        /// Also load this many keys into a fresh node and a fresh mutex baseline and report
+        /// their RSS per entry.
+        #[arg(long)]
+        memory_keys: Option<u64>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone, Debug, serde::Serialize)]
+pub struct LoadArgs {
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    connections: u64,
+    /// Streams in flight per connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    concurrency: u64,
+    /// Open loop at this many requests/s in total (default: closed loop).
+    #[arg(long, value_parser = parse_positive)]
+    rate: Option<f64>,
+    /// Key space size.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+    /// Index of the first key (keys are first-key .. first-key + keys), e.g. to aim a
+    /// one-key run at a key owned by a given core.
+    #[arg(long, default_value_t = 0)]
+    first_key: u64,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    key_bytes: u64,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=(64 << 20)))]
+    value_bytes: u64,
+    /// Share of Gets among Gets and Sets, 0..1.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_ratio)]
+    read_ratio: f64,
+    /// Share of Deletes among all requests, 0..1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
+    delete_ratio: f64,
+    /// uniform, or zipf:EXPONENT (e.g. zipf:0.99).
+    #[arg(long, default_value = "uniform", value_parser = parse_dist)]
+    #[serde(skip)]
+    dist: KeyDist,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_positive)]
+    duration: f64,
+    /// Stop after this many measured requests.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Seconds of load before measuring (not counted).
+    #[arg(long, default_value_t = 2.0, value_parser = parse_non_negative)]
+    warmup: f64,
+    /// Set every key once before the warm-up.
+    #[arg(long, default_value_t = false)]
+    prepopulate: bool,
+    /// Per-request timeout, seconds; also bounds connecting.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_positive)]
+    rpc_timeout: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl LoadArgs {
+    fn dist_name(&self) -> String {
+        match self.dist {
+            KeyDist::Uniform => "uniform".into(),
+            KeyDist::Zipf(s) => format!("zipf:{s}"),
+        }
+    }
+
+    fn to_opts(&self, targets: Vec<String>, quiet: bool) -> run::RunOpts {
+        run::RunOpts {
+            targets,
+            connections: self.connections as usize,
+            concurrency: self.concurrency as usize,
+            rate: self.rate,
+            workload: Workload {
+                keys: self.keys,
+                first_key: self.first_key,
+                key_bytes: self.key_bytes as usize,
+                value_bytes: self.value_bytes as usize,
+                read_ratio: self.read_ratio,
+                delete_ratio: self.delete_ratio,
+                dist: self.dist,
+            },
+            duration: Duration::from_secs_f64(self.duration),
+            requests: self.requests,
+            warmup: Duration::from_secs_f64(self.warmup),
+            prepopulate: self.prepopulate,
+            rpc_timeout: Duration::from_secs_f64(self.rpc_timeout),
+            seed: self.seed,
+            quiet,
+        }
+    }
+}
+
+fn parse_target(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{s:?} is not host:port"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&x) {
+        return Err(format!("{x} is not between 0 and 1"));
+    }
+    Ok(x)
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(format!("{x} must be positive"));
+    }
+    Ok(x)
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(format!("{x} must not be negative"));
+    }
+    Ok(x)
+}
+
+fn parse_dist(s: &str) -> Result<KeyDist, String> {
+    if s == "uniform" {
+        return Ok(KeyDist::Uniform);
+    }
+    let exp = s
+        .strip_prefix("zipf:")
+        .ok_or_else(|| format!("{s:?}: expected uniform or zipf:EXPONENT"))?;
+    let e: f64 = exp
+        .parse()
+        .map_err(|_| format!("{exp:?} is not a number"))?;
+    if !(e.is_finite() && e > 0.0) {
+        return Err("the Zipf exponent must be positive".into());
+    }
+    Ok(KeyDist::Zipf(e))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Cmd::Run { target, load, json } => {
+                let opts = load.to_opts(target.clone(), false);
+                let load_before = stats::loadavg();
+                let rep = run::run(&opts).await?;
+                let load_after = stats::loadavg();
+                stats::print_report(&format!("run against {}", target.join(",")), &rep);
+                println!("  load average before {load_before}  after {load_after}");
+                if let Some(path) = json {
+                    let doc = serde_json::json!({
+                        "settings": { "targets": target, "load": load, "dist": load.dist_name() },
+                        "report": rep,
+                        "loadavg_before": load_before,
+                        "loadavg_after": load_after,
+                    });
+                    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+                }
+                anyhow::Ok(())
+            }
+            Cmd::Baseline {
+                addr,
+                store,
+                capacity,
+                value_bytes,
+            } => baseline::serve(addr, store, capacity, value_bytes).await,
+            Cmd::Compare {
+                load,
+                rounds,
+                node_bin,
+                node_env,
+                node_b_bin,
+                node_b_env,
+                memory_keys,
+                json,
+            } => {
+                compare::compare(compare::CompareOpts {
+                    load,
+                    rounds,
+                    node_bin,
+                    node_env,
+                    node_b_bin,
+                    node_b_env,
+                    memory_keys,
+                    json,
+                })
+                .await
+            }
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("cache-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,148 @@
+//! cache-bench end to end: a short run against a real node, and its argument checks.
+//! Needs the node binary beside cache-bench, which `cargo test --workspace` builds.
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_cache-bench");
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_node(addr: &str) -> Reaped {
+    let bin = std::path::Path::new(BENCH).with_file_name("distributed-cache");
+    assert!(
+        bin.exists(),
+        "{} missing: run the workspace tests (cargo test --workspace)",
+        bin.display()
+    );
+    let child = Command::new(bin)
+        .env("ADDR", addr)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "node not listening within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node
+}
+
+#[test]
+fn short_run_against_a_real_node() {
+    let addr = free_addr();
+    let _node = start_node(&addr);
+    let json = tempfile_path("run.json");
+    let out = Command::new(BENCH)
+        .args([
+            "run",
+            "--target",
+            &addr,
+            "--connections",
+            "2",
+            "--concurrency",
+            "2",
+            "--keys",
+            "100",
+        ])
+        .args([
+            "--prepopulate",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--read-ratio",
+            "0.8",
+            "--delete-ratio",
+            "0.05",
+        ])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("throughput") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(doc["report"]["ok"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(
+        doc["report"]["errors"].as_object().unwrap().len(),
+        0,
+        "{doc}"
+    );
+    assert!(doc["report"]["hit_ratio"].as_f64().is_some());
+    assert_eq!(doc["settings"]["load"]["connections"], 2);
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cache-bench-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    for args in [
+        vec!["run", "--target", "nohostport"],
+        vec!["run", "--target", "127.0.0.1:1", "--read-ratio", "1.5"],
+        vec!["run", "--target", "127.0.0.1:1", "--concurrency", "0"],
+        vec!["run", "--target", "127.0.0.1:1", "--dist", "pareto"],
+    ] {
+        let out = Command::new(BENCH).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+}
+
+#[test]
+fn unreachable_target_is_reported_within_the_timeout() {
+    let closed = free_addr();
+    let started = Instant::now();
+    let out = Command::new(BENCH)
+        .args([
+            "run",
+            "--target",
+            &closed,
+            "--rpc-timeout",
+            "1",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unreachable") && err.contains(&closed),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
