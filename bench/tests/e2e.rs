@@ -17,15 +17,29 @@ fn free_addr() -> String {
         .to_string()
 }
 
-struct Reaped(Child);
+/// A node process, killed and reaped on drop; its log goes to a file so that a failure can
+/// show it.
+struct Reaped {
+    child: Child,
+    log: std::path::PathBuf,
+}
 
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Reaped {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Starts a node and waits until it answers a gRPC health check: a bare TCP connect can
+/// succeed before every core serves.
 fn start_node(addr: &str) -> Reaped {
     let bin = std::path::Path::new(BENCH).with_file_name("distributed-cache");
     assert!(
@@ -33,25 +47,42 @@ fn start_node(addr: &str) -> Reaped {
         "{} missing: run the workspace tests (cargo test --workspace)",
         bin.display()
     );
-    let child = Command::new(bin)
+    let log = tempfile_path(&format!("node-{}.log", addr.replace(':', "_")));
+    let child = Command::new(&bin)
         .env("ADDR", addr)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let node = Reaped(child);
+    let mut node = Reaped { child, log };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "node not listening within 20 s");
+    loop {
+        let health = Command::new(&bin)
+            .args(["health", "--addr", addr, "--timeout", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if health.success() {
+            return node;
+        }
+        if let Some(exit) = node.child.try_wait().unwrap() {
+            panic!("node exited with {exit} before serving: {}", node.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node not serving within 20 s: {}",
+            node.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    node
 }
 
 #[test]
 fn short_run_against_a_real_node() {
     let addr = free_addr();
-    let _node = start_node(&addr);
+    let node = start_node(&addr);
     let json = tempfile_path("run.json");
     let out = Command::new(BENCH)
         .args([
@@ -81,8 +112,9 @@ fn short_run_against_a_real_node() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -24,6 +24,7 @@ use executors::{Handled, Mesh, Router};
 use futures_lite::future;
 use std::{
     cell::Cell,
+    os::fd::{AsRawFd, FromRawFd},
     rc::Rc,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -232,6 +233,12 @@ async fn serve_connection(
         let ctx = Rc::clone(&ctx);
         async move { Ok::<_, std::convert::Infallible>(grpc::dispatch(ctx, req).await) }
     });
+    // A second handle on the socket outlives hyper's, for the lingering close below.
+    // SAFETY: dup returns a new descriptor that nothing else owns.
+    let linger = match unsafe { libc::dup(stream.as_raw_fd()) } {
+        -1 => None,
+        fd => Some(unsafe { glommio::net::TcpStream::from_raw_fd(fd) }),
+    };
     let conn = hyper::server::conn::http2::Builder::new(io::LocalExec)
         .serve_connection(io::GlommioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
@@ -244,8 +251,38 @@ async fn serve_connection(
         // GOAWAY: the client opens no new streams here; those in flight complete.
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
+        if let Some(linger) = linger {
+            lingering_close(linger).await;
+        }
     }
     connections.set(connections.get() - 1);
+}
+
+/// How long a closing connection keeps reading what the client sent before it saw GOAWAY.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Closes a connection after GOAWAY without a reset: frames the client sent before it read
+/// the GOAWAY may still be arriving, and closing a socket with unread data makes the kernel
+/// send RST, which the client reports as a reset on every stream still open, including the
+/// ones the GOAWAY told it were never served (and so are safe to retry). Half-close, then read
+/// and discard until the client closes too or LINGER passes.
+async fn lingering_close(stream: glommio::net::TcpStream) {
+    use futures_lite::AsyncReadExt;
+    // SAFETY: a plain shutdown(2) on a descriptor this function owns.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    let mut stream = stream;
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + LINGER;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Answers the side thread: figures for scrapes and the Stats RPC, and new rings.
