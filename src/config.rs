@@ -35,6 +35,10 @@ struct RawEnv {
     dead_node_timeout: Option<String>,
     tombstone_ttl: Option<String>,
     vnodes: Option<String>,
+    hinted_handoff: Option<String>,
+    max_hints: Option<String>,
+    max_hint_bytes: Option<String>,
+    hint_ttl: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +81,8 @@ pub struct Config {
     /// How long a delete's tombstone is kept (must outlast any replica's downtime).
     pub tombstone_ttl_secs: u64,
     pub vnodes: u32,
+    /// Hinted handoff: on or off, and the node's bounds on what it keeps.
+    pub hints: crate::cluster::hints::HintLimits,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -348,7 +354,28 @@ impl Config {
             ));
         }
 
+        let hinted_handoff = match raw.hinted_handoff.as_deref().map(str::trim) {
+            None | Some("") | Some("on") | Some("true") | Some("1") => true,
+            Some("off") | Some("false") | Some("0") => false,
+            Some(other) => {
+                return Err(invalid(
+                    "HINTED_HANDOFF",
+                    other,
+                    "expected on or off (true/false, 1/0)",
+                ))
+            }
+        };
+        let max_hints = parse_u64("MAX_HINTS", &raw.max_hints, 100_000, 0)?;
+        let max_hint_bytes = parse_u64("MAX_HINT_BYTES", &raw.max_hint_bytes, 64 << 20, 0)?;
+        let hint_ttl = parse_secs("HINT_TTL", &raw.hint_ttl, Duration::from_secs(3 * 3600))?;
+
         Ok(Config {
+            hints: crate::cluster::hints::HintLimits {
+                enabled: hinted_handoff,
+                max_count: usize::try_from(max_hints).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(max_hint_bytes).unwrap_or(usize::MAX),
+                ttl: hint_ttl,
+            },
             replication_factor: replication_factor as usize,
             write_quorum: write_quorum as usize,
             read_quorum: read_quorum as usize,
@@ -470,6 +497,10 @@ mod tests {
             ("REPLICATION_FACTOR", "0"),
             ("DEAD_NODE_TIMEOUT", "never"),
             ("TOMBSTONE_TTL", "-1"),
+            ("HINTED_HANDOFF", "maybe"),
+            ("MAX_HINTS", "many"),
+            ("MAX_HINT_BYTES", "-5"),
+            ("HINT_TTL", "0"),
         ];
         for (var, value) in cases {
             let err = parse(&[(var, value)]).expect_err(&format!("{var}={value} accepted"));

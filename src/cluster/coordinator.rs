@@ -5,6 +5,7 @@
 //! every replica that is up, and a read repairs the stale replicas it saw.
 
 use super::{
+    hints::Hints,
     peer::PeerClients,
     replication::{required, resolve, Level, Outcome, Tally, Versioned},
     ring::Ring,
@@ -48,6 +49,8 @@ pub struct Coordinator {
     pub tombstone_ttl_secs: u64,
     /// Replicas brought up to date by reads (a plain counter: this core only).
     pub read_repairs: std::cell::Cell<u64>,
+    /// Writes that replicas missed, kept for when they answer again.
+    pub hints: Rc<Hints>,
 }
 
 impl Coordinator {
@@ -108,8 +111,14 @@ impl Coordinator {
                 continue;
             }
             let (peers, entry, tx) = (Rc::clone(&self.peers), Rc::clone(&entry), Rc::clone(&tx));
+            let hints = Rc::clone(&self.hints);
             glommio::spawn_local(async move {
                 let r = peers.write(&addr, &entry, deadline).await.map_err(|_| ());
+                if r.is_err() {
+                    // Down, cut off or slow: it gets the write when it answers again, whether
+                    // or not the quorum was reached without it.
+                    hints.store(&addr, (*entry).clone(), Instant::now());
+                }
                 let _ = tx.try_send(r);
             })
             .detach();

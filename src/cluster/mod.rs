@@ -4,9 +4,11 @@
 //! - [`replication`]: quorum counting and read resolution (pure).
 //! - [`coordinator`]: runs a client request over the key's replicas, on the owning core.
 //! - [`peer`]: each core's own HTTP/2 clients to other nodes.
+//! - [`hints`]: hinted handoff, writes kept for replicas that missed them.
 //! - [`membership`]: SWIM (foca) over UDP on the side thread, and the member table.
 
 pub mod coordinator;
+pub mod hints;
 pub mod membership;
 pub mod peer;
 pub mod replication;

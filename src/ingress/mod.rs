@@ -12,7 +12,7 @@ pub mod side;
 
 use crate::observability::metrics::CoreMetrics;
 use crate::{
-    cluster::{coordinator::Coordinator, peer::PeerClients, ring::Ring},
+    cluster::{coordinator::Coordinator, hints::Hints, peer::PeerClients, ring::Ring},
     config::Config,
     engine::{
         command::{Command, Request, Response},
@@ -128,7 +128,17 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         read_quorum: config.read_quorum,
         tombstone_ttl_secs: config.tombstone_ttl_secs,
         read_repairs: std::cell::Cell::new(0),
+        hints: Rc::new(Hints::new(config.hints.per_core(router.nr_cores()))),
     });
+    if coordinator.hints.enabled() {
+        let ring_of = Rc::clone(&coordinator);
+        glommio::spawn_local(Rc::clone(&coordinator.hints).deliver_forever(
+            Rc::clone(&coordinator.peers),
+            move |peer| ring_of.ring().contains(peer),
+            config.rpc_timeout,
+        ))
+        .detach();
+    }
 
     let ctx = Rc::new(CoreCtx {
         engine: Rc::clone(&engine),
@@ -308,6 +318,7 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
         );
         snapshot.replica_calls = ctx.coordinator.peers.outcome_counts();
         snapshot.read_repairs = ctx.coordinator.read_repairs.get();
+        snapshot.hints = ctx.coordinator.hints.counts();
         let _ = reply_tx.send(snapshot);
     }
 }

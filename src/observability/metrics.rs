@@ -124,6 +124,7 @@ impl CoreMetrics {
             panics,
             replica_calls: Vec::new(),
             read_repairs: 0,
+            hints: Default::default(),
         }
     }
 }
@@ -170,6 +171,7 @@ pub struct CoreSnapshot {
     /// (peer, outcome, count) of replica calls this core made.
     pub replica_calls: Vec<(String, &'static str, u64)>,
     pub read_repairs: u64,
+    pub hints: crate::cluster::hints::HintCounts,
 }
 
 /// Everything a scrape renders: the cores' snapshots plus process figures.
@@ -374,6 +376,38 @@ impl Collector for SnapshotCollector {
             "cache_read_repairs",
             "Replicas brought up to date by reads, by coordinating core.",
             &per_core(&|c| c.read_repairs),
+        )?;
+        let hints: Vec<(Labels, u64)> = cores
+            .iter()
+            .flat_map(|c| {
+                let h = c.hints;
+                [
+                    ("stored", h.stored),
+                    ("delivered", h.delivered),
+                    ("dropped", h.dropped),
+                    ("expired", h.expired),
+                ]
+                .into_iter()
+                .map(move |(event, n)| {
+                    (
+                        vec![("core", c.core.to_string()), ("event", event.to_string())],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_hints",
+            "Hinted handoff, by coordinating core: hints stored, delivered, dropped (limits \
+             or replica gone) and expired.",
+            &hints,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_hints_queued",
+            "Hints held for replicas that have not answered yet, by core.",
+            &gauge(&|c| c.hints.queued),
         )?;
         let members: Vec<(Labels, i64)> = self
             .0

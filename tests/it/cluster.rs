@@ -411,3 +411,86 @@ async fn five_nodes_spread_keys_within_15_percent() {
         );
     }
 }
+
+/// Sum of the samples of every series of `name` whose labels contain `label` (all cores).
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test]
+async fn hinted_handoff_brings_a_restarted_replica_up_to_date_with_no_reads() {
+    const KEYS: usize = 1000;
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
+        .collect();
+    // Room for every key: the default CAPACITY (1000) would evict some.
+    let room = ("CAPACITY", "100000");
+    let mut nodes = vec![
+        start_node(
+            &addrs[0],
+            &addrs[0],
+            &[("METRICS_ADDR", &metrics_addr), room],
+        )
+        .await,
+    ];
+    for a in &addrs[1..] {
+        nodes.push(start_node(a, &addrs[0], &[room]).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, &addrs).await;
+
+    nodes[2].signal(libc::SIGKILL);
+    nodes[2].wait_exit(Duration::from_secs(5)).await;
+    // RF=3, W=2: every write succeeds on nodes 1 and 2 and leaves a hint for node 3.
+    let mut c1 = nodes[0].client().await.unwrap();
+    for i in 0..KEYS {
+        c1.set(set(&format!("hint-{i}"), &format!("v{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("set hint-{i} with node 3 down: {e}"));
+    }
+    let text = crate::metrics::scrape(&metrics_addr);
+    assert_eq!(
+        metric_sum(&text, "cache_hints_total", "event=\"stored\""),
+        KEYS as f64,
+        "{text}"
+    );
+
+    // Restarted empty with the same address, it is still an owner; nobody reads the keys.
+    nodes[2] = start_node(&addrs[2], &addrs[0], &[room]).await;
+    let mut c3 = nodes[2].client().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut missing: Vec<usize> = (0..KEYS).collect();
+    while !missing.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 still lacks {} keys, e.g. hint-{}; node 1 metrics:\n{}",
+            missing.len(),
+            missing[0],
+            crate::metrics::scrape(&metrics_addr)
+        );
+        let mut still = Vec::new();
+        for i in missing {
+            // ONE through node 3 answers from node 3's own replica.
+            match c3.get(get(&format!("hint-{i}"), Consistency::One)).await {
+                Ok(r) => assert_eq!(value_of(&r.into_inner()), format!("v{i}")),
+                Err(e) if e.code() == Code::NotFound => still.push(i),
+                Err(e) => panic!("ONE read of hint-{i} on node 3: {e}"),
+            }
+        }
+        missing = still;
+        if !missing.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let text = crate::metrics::scrape(&metrics_addr);
+    assert_eq!(
+        metric_sum(&text, "cache_hints_total", "event=\"delivered\""),
+        KEYS as f64,
+        "{text}"
+    );
+    assert_eq!(metric_sum(&text, "cache_hints_queued", ""), 0.0, "{text}");
+}
