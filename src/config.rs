@@ -39,6 +39,8 @@ struct RawEnv {
     max_hints: Option<String>,
     max_hint_bytes: Option<String>,
     hint_ttl: Option<String>,
+    anti_entropy_interval: Option<String>,
+    anti_entropy: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,8 @@ pub struct Config {
     pub vnodes: u32,
     /// Hinted handoff: on or off, and the node's bounds on what it keeps.
     pub hints: crate::cluster::hints::HintLimits,
+    /// How often replicas compare their digest trees; None = never (ANTI_ENTROPY=off).
+    pub anti_entropy_interval: Option<Duration>,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -137,6 +141,15 @@ fn parse_secs(
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// An on/off variable, on by default.
+fn parse_switch(var: &'static str, raw: &Option<String>) -> Result<bool, ConfigError> {
+    match raw.as_deref().map(str::trim) {
+        None | Some("") | Some("on") | Some("true") | Some("1") => Ok(true),
+        Some("off") | Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(invalid(var, other, "expected on or off (true/false, 1/0)")),
+    }
+}
+
 fn validate_host_port(var: &'static str, value: &str) -> Result<(), ConfigError> {
     let (host, port) = value
         .rsplit_once(':')
@@ -150,6 +163,13 @@ fn validate_host_port(var: &'static str, value: &str) -> Result<(), ConfigError>
 }
 
 impl Config {
+    /// After a ring change, how long reads also ask the former owners of a key and former
+    /// owners keep what they handed off: three anti-entropy rounds and some slack, time for
+    /// new replicas to receive their data.
+    pub fn transition(&self) -> Duration {
+        self.anti_entropy_interval.unwrap_or(Duration::ZERO) * 3 + Duration::from_secs(5)
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_vars(std::env::vars())
@@ -354,22 +374,19 @@ impl Config {
             ));
         }
 
-        let hinted_handoff = match raw.hinted_handoff.as_deref().map(str::trim) {
-            None | Some("") | Some("on") | Some("true") | Some("1") => true,
-            Some("off") | Some("false") | Some("0") => false,
-            Some(other) => {
-                return Err(invalid(
-                    "HINTED_HANDOFF",
-                    other,
-                    "expected on or off (true/false, 1/0)",
-                ))
-            }
-        };
+        let hinted_handoff = parse_switch("HINTED_HANDOFF", &raw.hinted_handoff)?;
+        let anti_entropy = parse_switch("ANTI_ENTROPY", &raw.anti_entropy)?;
         let max_hints = parse_u64("MAX_HINTS", &raw.max_hints, 100_000, 0)?;
         let max_hint_bytes = parse_u64("MAX_HINT_BYTES", &raw.max_hint_bytes, 64 << 20, 0)?;
         let hint_ttl = parse_secs("HINT_TTL", &raw.hint_ttl, Duration::from_secs(3 * 3600))?;
+        let anti_entropy_interval = parse_secs(
+            "ANTI_ENTROPY_INTERVAL",
+            &raw.anti_entropy_interval,
+            Duration::from_secs(30),
+        )?;
 
         Ok(Config {
+            anti_entropy_interval: anti_entropy.then_some(anti_entropy_interval),
             hints: crate::cluster::hints::HintLimits {
                 enabled: hinted_handoff,
                 max_count: usize::try_from(max_hints).unwrap_or(usize::MAX),
@@ -501,6 +518,8 @@ mod tests {
             ("MAX_HINTS", "many"),
             ("MAX_HINT_BYTES", "-5"),
             ("HINT_TTL", "0"),
+            ("ANTI_ENTROPY_INTERVAL", "often"),
+            ("ANTI_ENTROPY", "sometimes"),
         ];
         for (var, value) in cases {
             let err = parse(&[(var, value)]).expect_err(&format!("{var}={value} accepted"));

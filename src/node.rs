@@ -55,12 +55,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             replication_factor: config.replication_factor,
             write_quorum: config.write_quorum,
             read_quorum: config.read_quorum,
+            num_shards,
+            anti_entropy_interval: config.anti_entropy_interval,
+            transition: config.transition(),
         },
     )?;
-    let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    for r in control_receivers {
-        let _ = control_tx.send(r);
-    }
+    let control = Arc::new(
+        control_receivers
+            .into_iter()
+            .map(|r| std::sync::Mutex::new(Some(r)))
+            .collect::<Vec<_>>(),
+    );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let limiter = config.rate_limit.map(|per_sec| {
@@ -79,7 +84,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown_rx,
         ready: ready_tx,
         drained: Arc::new(AtomicUsize::new(0)),
-        control: control_rx,
+        control,
     };
     let options = ExecutorOptions {
         spin_before_park: config.spin_before_park,
@@ -119,6 +124,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(signal = ?first, "shutting down: leaving the cluster, then draining");
     // Peers first stop routing here, then the node drains what is in flight.
     side.leave(Duration::from_secs(2));
+    // What this node holds goes to the nodes taking over before it stops serving.
+    side.hand_off_all(config.shutdown_timeout);
     side.set_not_serving();
     let _ = shutdown_tx.send(true);
     std::thread::Builder::new()

@@ -51,11 +51,21 @@ pub struct Coordinator {
     pub read_repairs: std::cell::Cell<u64>,
     /// Writes that replicas missed, kept for when they answer again.
     pub hints: Rc<Hints>,
+    /// Buckets this node is still receiving (from the side thread's anti-entropy).
+    pub syncing: RefCell<Rc<crate::cluster::ring::BucketSet>>,
 }
 
 impl Coordinator {
     pub fn ring(&self) -> Rc<Ring> {
         Rc::clone(&self.ring.borrow())
+    }
+
+    /// Whether this node is still receiving the key's bucket (just started, or a new replica
+    /// of it after a ring change): its "not found" is then no answer.
+    pub fn syncing(&self, key: &[u8]) -> bool {
+        self.syncing
+            .borrow()
+            .contains(crate::cluster::ring::bucket_of(key))
     }
 
     /// True when this node is the key's only replica: the request needs no coordination and is
@@ -211,9 +221,15 @@ impl Coordinator {
         }
         let needed = required(level, replicas.len(), self.read_quorum);
         let mut tally = Tally::new(needed, replicas.len());
+        // A replica still receiving the key's bucket (it just started, or just became a
+        // replica) answers "not found" for keys it has not received yet: that answer goes on
+        // the repair list but does not count, so the read asks another replica.
+        let counts = |answer: &Option<ReplicaEntry>, syncing: bool| answer.is_some() || !syncing;
         // (replica, its answer) for every replica that answered.
         let mut answers: Vec<(String, Option<ReplicaEntry>)> = Vec::with_capacity(replicas.len());
-        let (tx, rx) = local_channel::new_unbounded::<(String, Result<Option<ReplicaEntry>, ()>)>();
+        #[allow(clippy::type_complexity)]
+        let (tx, rx) =
+            local_channel::new_unbounded::<(String, Result<(Option<ReplicaEntry>, bool), ()>)>();
         let tx = Rc::new(tx);
         let key = Rc::new(key);
         // Only as many replicas as the level needs are asked (quorum intersection needs no
@@ -234,8 +250,12 @@ impl Coordinator {
                         deadline,
                     ) {
                         Ok(Reply::Entry(e)) => {
+                            if counts(&e, self.syncing(&key)) {
+                                tally.ok();
+                            } else {
+                                tally.fail();
+                            }
                             answers.push((addr, e));
-                            tally.ok();
                         }
                         _ => {
                             tally.fail();
@@ -279,10 +299,14 @@ impl Coordinator {
                 deadline
             };
             match recv_until(&rx, wait_until).await {
-                Some((addr, Ok(e))) => {
+                Some((addr, Ok((e, syncing)))) => {
                     in_flight -= 1;
+                    if counts(&e, syncing) {
+                        tally.ok();
+                    } else {
+                        tally.fail();
+                    }
                     answers.push((addr, e));
-                    tally.ok();
                 }
                 Some((_, Err(()))) => {
                     in_flight -= 1;
@@ -328,8 +352,8 @@ impl Coordinator {
             glommio::spawn_local(async move {
                 while let Some((addr, answer)) = recv_until(&rx, deadline).await {
                     let behind = match answer {
-                        Ok(Some(e)) => e.version < newest.version,
-                        Ok(None) => true,
+                        Ok((Some(e), _)) => e.version < newest.version,
+                        Ok((None, _)) => true,
                         Err(()) => false,
                     };
                     if behind {

@@ -5,8 +5,11 @@
 //! - [`coordinator`]: runs a client request over the key's replicas, on the owning core.
 //! - [`peer`]: each core's own HTTP/2 clients to other nodes.
 //! - [`hints`]: hinted handoff, writes kept for replicas that missed them.
+//! - [`antientropy`]: digest-tree comparison between replicas, and data movement on ring
+//!   changes (join, leave), on the side thread.
 //! - [`membership`]: SWIM (foca) over UDP on the side thread, and the member table.
 
+pub mod antientropy;
 pub mod coordinator;
 pub mod hints;
 pub mod membership;

@@ -185,32 +185,26 @@ impl PeerClients {
         entry: &ReplicaEntry,
         deadline: Instant,
     ) -> Result<(bool, bool), Status> {
-        let msg = pb::ReplicaWrite {
-            key: entry.key.clone(),
-            value: entry.value.clone(),
-            hlc: entry.version.hlc,
-            node: entry.version.node,
-            ttl_ms: entry.ttl_ms,
-            flags: entry.flags as u32,
-        };
+        let msg = super::antientropy::entry_to_pb(entry);
         let ack: pb::ReplicaAck = self
             .unary(addr, "/pb.PeerService/Write", msg, deadline)
             .await?;
         Ok((ack.applied, ack.existed))
     }
 
-    /// The replica `addr`'s entry for `key`, tombstones included.
+    /// The replica `addr`'s entry for `key`, tombstones included, and whether that replica
+    /// is still receiving the key's range.
     pub async fn read(
         &self,
         addr: &str,
         key: &[u8],
         deadline: Instant,
-    ) -> Result<Option<ReplicaEntry>, Status> {
+    ) -> Result<(Option<ReplicaEntry>, bool), Status> {
         let msg = pb::ReplicaRead { key: key.to_vec() };
         let e: pb::ReplicaEntry = self
             .unary(addr, "/pb.PeerService/Read", msg, deadline)
             .await?;
-        Ok(e.found.then(|| ReplicaEntry {
+        let entry = e.found.then(|| ReplicaEntry {
             key: key.to_vec(),
             value: e.value,
             version: Version {
@@ -219,6 +213,7 @@ impl PeerClients {
             },
             ttl_ms: e.ttl_ms,
             flags: e.flags as u8,
-        }))
+        });
+        Ok((entry, e.syncing))
     }
 }

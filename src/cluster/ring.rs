@@ -30,12 +30,32 @@ pub fn key_position(key: &[u8]) -> u64 {
     xxh3_64_with_seed(key, KEY_SEED)
 }
 
+/// The ring is cut into `BUCKETS` equal buckets, the leaves of the anti-entropy digest tree
+/// and the unit of data movement. Ring points sit on bucket boundaries, so every key of a
+/// bucket has the same replicas: a bucket is the smallest range two replicas can compare.
+pub const BUCKET_BITS: u32 = 12;
+pub const BUCKETS: usize = 1 << BUCKET_BITS;
+const BUCKET_SHIFT: u32 = 64 - BUCKET_BITS;
+
+/// The bucket of a ring position. A key belongs to the first point at or after it, and points
+/// are multiples of 2^BUCKET_SHIFT, so bucket b holds the positions (b, b + 1] in those units.
+#[inline]
+pub fn bucket_of_position(position: u64) -> usize {
+    (position.wrapping_sub(1) >> BUCKET_SHIFT) as usize
+}
+
+#[inline]
+pub fn bucket_of(key: &[u8]) -> usize {
+    bucket_of_position(key_position(key))
+}
+
 fn vnode_position(node: &str, i: u32) -> u64 {
     let mut h = Xxh3::new();
     h.update(node.as_bytes());
     h.update(b"#");
     h.update(&i.to_le_bytes());
-    h.digest()
+    // On a bucket boundary; two points of one boundary make an empty arc, which is harmless.
+    h.digest() >> BUCKET_SHIFT << BUCKET_SHIFT
 }
 
 impl Ring {
@@ -106,6 +126,25 @@ impl Ring {
         self.replicas_at(key_position(key))
     }
 
+    /// The replicas of every key in `bucket`.
+    pub fn bucket_replicas(&self, bucket: usize) -> Vec<&str> {
+        // The bucket's last position; for the last bucket this wraps to 0, whose first point
+        // at or after it is the ring's first point, as for every key past the last point.
+        self.replicas_at(((bucket as u64).wrapping_add(1)) << BUCKET_SHIFT)
+    }
+
+    /// The buckets whose replicas include both `a` and `b` (`a == b`: those `a` replicates).
+    pub fn shared_buckets(&self, a: &str, b: &str) -> BucketSet {
+        let mut set = BucketSet::default();
+        for bucket in 0..BUCKETS {
+            let r = self.bucket_replicas(bucket);
+            if r.contains(&a) && r.contains(&b) {
+                set.insert(bucket);
+            }
+        }
+        set
+    }
+
     /// For each node, the fraction of the key space it is the primary of and the fraction it
     /// holds a replica of, computed exactly from the arcs between points.
     pub fn shares(&self) -> Vec<(String, f64, f64)> {
@@ -140,6 +179,77 @@ impl Ring {
             .enumerate()
             .map(|(i, node)| (node.clone(), primary[i], replica[i]))
             .collect()
+    }
+}
+
+/// A set of buckets, as a bitmap: 512 bytes on the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BucketSet(Box<[u64; BUCKETS / 64]>);
+
+impl Default for BucketSet {
+    fn default() -> Self {
+        BucketSet(Box::new([0; BUCKETS / 64]))
+    }
+}
+
+impl std::fmt::Debug for BucketSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BucketSet({} buckets)", self.len())
+    }
+}
+
+impl BucketSet {
+    pub fn all() -> Self {
+        BucketSet(Box::new([u64::MAX; BUCKETS / 64]))
+    }
+
+    pub fn insert(&mut self, bucket: usize) {
+        self.0[bucket / 64] |= 1 << (bucket % 64);
+    }
+
+    #[inline]
+    pub fn contains(&self, bucket: usize) -> bool {
+        self.0[bucket / 64] & (1 << (bucket % 64)) != 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn union_with(&mut self, other: &BucketSet) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a |= b;
+        }
+    }
+
+    pub fn subtract(&mut self, other: &BucketSet) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a &= !b;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..BUCKETS).filter(|&b| self.contains(b))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// None unless `bytes` is exactly a bitmap of BUCKETS bits.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != BUCKETS / 8 {
+            return None;
+        }
+        let mut set = BucketSet::default();
+        for (w, chunk) in set.0.iter_mut().zip(bytes.chunks_exact(8)) {
+            *w = u64::from_le_bytes(chunk.try_into().ok()?);
+        }
+        Some(set)
     }
 }
 
@@ -221,6 +331,51 @@ mod tests {
             .count();
         // About 1/5 of the keys move to the new node, and only to it.
         assert!((1500..2500).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn every_key_of_a_bucket_has_the_buckets_replicas() {
+        let r = ring(5, 3);
+        for i in 0..20_000 {
+            let k = format!("key-{i}");
+            assert_eq!(
+                r.replicas(k.as_bytes()),
+                r.bucket_replicas(bucket_of(k.as_bytes()))
+            );
+        }
+        // The edges: the first and last positions of the circle and of a bucket.
+        for pos in [
+            0u64,
+            1,
+            u64::MAX,
+            1 << BUCKET_SHIFT,
+            (1 << BUCKET_SHIFT) + 1,
+        ] {
+            assert_eq!(
+                r.replicas_at(pos),
+                r.bucket_replicas(bucket_of_position(pos))
+            );
+        }
+    }
+
+    #[test]
+    fn shared_buckets_are_those_both_replicate() {
+        let r = ring(4, 3);
+        let (a, b) = ("10.0.0.0:8080", "10.0.0.1:8080");
+        let shared = r.shared_buckets(a, b);
+        assert!(!shared.is_empty() && shared.len() < BUCKETS);
+        for bucket in 0..BUCKETS {
+            let reps = r.bucket_replicas(bucket);
+            assert_eq!(
+                shared.contains(bucket),
+                reps.contains(&a) && reps.contains(&b)
+            );
+        }
+        // With as many replicas as nodes, every node replicates every bucket.
+        assert_eq!(ring(3, 3).shared_buckets(a, b).len(), BUCKETS);
+        let bytes = shared.to_bytes();
+        assert_eq!(BucketSet::from_bytes(&bytes).unwrap(), shared);
+        assert!(BucketSet::from_bytes(&bytes[1..]).is_none());
     }
 
     proptest! {

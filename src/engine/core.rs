@@ -8,12 +8,24 @@ use super::{
     hlc::{wall_ms, Hlc, Version},
     shard::{expiry_tick, expiry_tick_ms, remaining_ms, Shard, ShardStats, Tick, TICKS_PER_SEC},
 };
-use crate::{error::Error, routing};
+use crate::{
+    cluster::ring::{BucketSet, BUCKETS},
+    error::Error,
+    routing,
+};
 use std::{
     cell::{Cell, RefCell},
     panic::AssertUnwindSafe,
     time::{Duration, Instant},
 };
+
+/// What replicas compare for one key in anti-entropy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersion {
+    pub key: Vec<u8>,
+    pub version: Version,
+    pub flags: u8,
+}
 
 pub struct CoreEngine {
     core: usize,
@@ -178,6 +190,82 @@ impl CoreEngine {
             })
     }
 
+    /// Per ring bucket, the XOR of the digests of this core's shards.
+    pub fn digests(&self) -> Vec<u64> {
+        let mut out = vec![0u64; BUCKETS];
+        for shard in self.shards.borrow().iter() {
+            for (o, d) in out.iter_mut().zip(shard.digest()) {
+                *o ^= d;
+            }
+        }
+        out
+    }
+
+    /// Key, version and flags of every live entry (tombstones included) in `buckets`.
+    pub fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
+        let tick = self.tick(Instant::now());
+        let mut out = Vec::new();
+        for shard in self.shards.borrow().iter() {
+            shard.for_each_in(buckets, tick, |e| {
+                out.push(KeyVersion {
+                    key: e.key().to_vec(),
+                    version: e.version(),
+                    flags: e.flags(),
+                })
+            });
+        }
+        out
+    }
+
+    /// The live entries (tombstones included) for `keys` of this core's shards, with their
+    /// remaining time to live; keys not held are left out.
+    pub fn fetch(&self, keys: &[(routing::ShardId, Vec<u8>)]) -> Vec<ReplicaEntry> {
+        let tick = self.tick(Instant::now());
+        let shards = self.shards.borrow();
+        keys.iter()
+            .filter_map(|(shard, key)| {
+                let e = shards[routing::local_index(*shard, self.nr_cores)].peek(key, tick)?;
+                Some(ReplicaEntry {
+                    key: key.clone(),
+                    value: e.value().to_vec(),
+                    version: e.version(),
+                    ttl_ms: remaining_ms(e.expires_at(), tick),
+                    flags: e.flags(),
+                })
+            })
+            .collect()
+    }
+
+    /// Applies entries from another replica (newest version wins). Returns how many changed
+    /// something.
+    pub fn apply_all(&self, entries: Vec<(routing::ShardId, ReplicaEntry)>) -> usize {
+        let far = Instant::now() + Duration::from_secs(3600);
+        entries
+            .into_iter()
+            .map(|(shard, entry)| {
+                matches!(
+                    self.execute(Request {
+                        shard,
+                        command: Command::Apply(entry),
+                        deadline: far,
+                        level: crate::cluster::replication::Level::One,
+                    }),
+                    Ok(Reply::Applied { applied: true, .. })
+                )
+            })
+            .filter(|&applied| applied)
+            .count()
+    }
+
+    /// Removes every entry in `buckets`. Returns how many.
+    pub fn drop_buckets(&self, buckets: &BucketSet) -> usize {
+        self.shards
+            .borrow_mut()
+            .iter_mut()
+            .map(|s| s.drop_buckets(buckets))
+            .sum()
+    }
+
     pub fn panics(&self) -> u64 {
         self.panics.get()
     }
@@ -205,6 +293,43 @@ mod tests {
             let sum: usize = (0..n).map(|s| shard_capacity(cap, n, ShardId(s))).sum();
             assert_eq!(sum as u64, cap);
         }
+    }
+
+    #[test]
+    fn fetch_list_apply_and_drop_for_anti_entropy() {
+        let engine = CoreEngine::new(1, 2, 4, 100, 7, Instant::now());
+        let mine: Vec<String> = (0..50)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| routing::owner_core(shard_of(k.as_bytes(), 4), 2) == 1)
+            .collect();
+        let entries: Vec<_> = mine
+            .iter()
+            .map(|k| {
+                (
+                    shard_of(k.as_bytes(), 4),
+                    ReplicaEntry {
+                        key: k.as_bytes().to_vec(),
+                        value: b"v".to_vec(),
+                        version: Version { hlc: 9, node: 1 },
+                        ttl_ms: 60_000,
+                        flags: 0,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(engine.apply_all(entries.clone()), mine.len());
+        assert_eq!(engine.apply_all(entries), 0, "same versions change nothing");
+        assert_eq!(engine.list(&BucketSet::all()).len(), mine.len());
+        let keys: Vec<_> = mine
+            .iter()
+            .map(|k| (shard_of(k.as_bytes(), 4), k.as_bytes().to_vec()))
+            .collect();
+        let fetched = engine.fetch(&keys);
+        assert_eq!(fetched.len(), mine.len());
+        assert!(fetched.iter().all(|e| e.ttl_ms > 59_000 && e.value == b"v"));
+        assert_ne!(engine.digests(), vec![0; BUCKETS]);
+        assert_eq!(engine.drop_buckets(&BucketSet::all()), mine.len());
+        assert_eq!(engine.digests(), vec![0; BUCKETS]);
     }
 
     fn req(key: &str, command: Command) -> Request {

@@ -10,7 +10,9 @@ use super::{
     entry::{Entry, FLAG_TOMBSTONE},
     hlc::Version,
 };
+use crate::cluster::ring::{bucket_of, BucketSet, BUCKETS};
 use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Time as the shard sees it: tenths of a second since the node started. 32 bits last 13
 /// years of uptime; 0 in an entry means "never expires".
@@ -51,6 +53,18 @@ pub fn remaining_ms(expires_at: Tick, now: Tick) -> u64 {
     } else {
         (expires_at.saturating_sub(now) as u64 * (1000 / TICKS_PER_SEC)).max(1)
     }
+}
+
+/// An entry's contribution to its bucket's digest: a hash of key, version and tombstone bit.
+/// A bucket's digest is the XOR of its entries' contributions, so a write updates it in O(1)
+/// (XOR the old entry out, the new one in) and equal digests mean equal contents, whatever
+/// order the writes landed in.
+#[inline]
+pub fn entry_digest(key: &[u8], version: Version, flags: u8) -> u64 {
+    let seed = version.hlc.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (((version.node as u64) << 1 | (flags & FLAG_TOMBSTONE != 0) as u64)
+            .wrapping_mul(0xc2b2_ae3d_27d4_eb4f));
+    xxh3_64_with_seed(key, seed)
 }
 
 #[inline]
@@ -103,6 +117,9 @@ pub struct Shard {
     sweep_cursor: usize,
     evictions: u64,
     expirations: u64,
+    /// Per ring bucket, the XOR of `entry_digest` over the entries held: the leaves of the
+    /// anti-entropy tree, kept up to date by every insert, overwrite and removal.
+    digest: Box<[u64]>,
 }
 
 impl Shard {
@@ -128,7 +145,18 @@ impl Shard {
             sweep_cursor: 0,
             evictions: 0,
             expirations: 0,
+            digest: vec![0; BUCKETS].into_boxed_slice(),
         }
+    }
+
+    #[inline]
+    fn digest_toggle(&mut self, key: &[u8], version: Version, flags: u8) {
+        self.digest[bucket_of(key)] ^= entry_digest(key, version, flags);
+    }
+
+    /// The digest of each ring bucket over this shard's entries.
+    pub fn digest(&self) -> &[u64] {
+        &self.digest
     }
 
     pub fn len(&self) -> usize {
@@ -221,6 +249,8 @@ impl Shard {
         let slot = &mut self.slots[s as usize];
         if let Some(entry) = slot.entry.take() {
             self.bytes -= entry.alloc_len();
+            self.digest[bucket_of(entry.key())] ^=
+                entry_digest(entry.key(), entry.version(), entry.flags());
         }
         slot.next = self.free_head;
         self.free_head = s;
@@ -302,6 +332,8 @@ impl Shard {
         if let Some(s) = self.find(hash, key) {
             let slot = &mut self.slots[s as usize];
             let entry = slot.entry.as_mut().expect("indexed slots hold an entry");
+            self.digest[bucket_of(key)] ^= entry_digest(key, entry.version(), entry.flags())
+                ^ entry_digest(key, version, flags);
             if !entry.try_overwrite(key, value, version, expires_at, flags) {
                 let new = Entry::new(key, value, version, expires_at, flags);
                 self.bytes = self.bytes - entry.alloc_len() + new.alloc_len();
@@ -315,6 +347,7 @@ impl Shard {
         }
         let entry = Entry::new(key, value, version, expires_at, flags);
         self.bytes += entry.alloc_len();
+        self.digest_toggle(key, version, flags);
         let s = self.alloc_slot(entry);
         let (index, slots, hasher) = (&mut self.index, &self.slots, &self.hasher);
         index.insert_unique(hash, s, |&x| {
@@ -381,6 +414,43 @@ impl Shard {
             }
         }
         (n, expired)
+    }
+
+    /// Calls `f` with every live entry (tombstones included, expired ones not) whose bucket is
+    /// in `buckets`, in slot order.
+    pub fn for_each_in(&self, buckets: &BucketSet, now: Tick, mut f: impl FnMut(&Entry)) {
+        for slot in &self.slots {
+            if let Some(e) = &slot.entry {
+                if !is_expired(e.expires_at(), now) && buckets.contains(bucket_of(e.key())) {
+                    f(e);
+                }
+            }
+        }
+    }
+
+    /// The entry for `key` as it is, without marking it used (anti-entropy reads must not
+    /// change what LRU keeps). Expired entries are not returned.
+    pub fn peek(&self, key: &[u8], now: Tick) -> Option<&Entry> {
+        let s = self.find(self.hash(key), key)?;
+        let e = self.entry(s);
+        (!is_expired(e.expires_at(), now)).then_some(e)
+    }
+
+    /// Removes every entry whose bucket is in `buckets` (ranges this node no longer
+    /// replicates). Returns how many were removed.
+    pub fn drop_buckets(&mut self, buckets: &BucketSet) -> usize {
+        let mut dropped = 0;
+        for s in 0..self.slots.len() as u32 {
+            let Some(e) = self.slots[s as usize].entry.as_ref() else {
+                continue;
+            };
+            if buckets.contains(bucket_of(e.key())) {
+                let hash = self.hash(e.key());
+                self.remove_slot(s, hash);
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Keys from most to least recently used (tests and diagnostics).
@@ -580,5 +650,71 @@ mod tests {
                 prop_assert_eq!(&keys, &order);
             }
         }
+
+        /// The incremental digests always equal digests computed from scratch over what the
+        /// shard holds, through overwrites, tombstones, evictions, expiry and drops.
+        #[test]
+        fn digests_match_a_recount(
+            ops in proptest::collection::vec((0u8..4, 0u8..16, 1u64..50, 0u32..3), 1..300),
+            cap in 1usize..10,
+        ) {
+            let mut s = Shard::new(cap);
+            for (i, (kind, k, hlc, ttl)) in ops.into_iter().enumerate() {
+                let key = [k, k ^ 0x5a];
+                let now = i as Tick;
+                match kind {
+                    0 => s.set(&key, b"v", v(hlc), if ttl == 0 { 0 } else { now + ttl }, 0),
+                    1 => {
+                        s.apply(&key, b"", v(hlc), now + 5, FLAG_TOMBSTONE, now);
+                    }
+                    2 => {
+                        s.delete(&key, now);
+                    }
+                    _ => {
+                        s.sweep(now, 4);
+                        if k == 0 {
+                            let mut b = BucketSet::default();
+                            b.insert(bucket_of(&key));
+                            s.drop_buckets(&b);
+                        }
+                    }
+                }
+                let mut recount = vec![0u64; BUCKETS];
+                for slot in &s.slots {
+                    if let Some(e) = &slot.entry {
+                        recount[bucket_of(e.key())] ^= entry_digest(e.key(), e.version(), e.flags());
+                    }
+                }
+                prop_assert!(recount.as_slice() == s.digest());
+            }
+        }
+    }
+
+    #[test]
+    fn for_each_in_skips_expired_and_other_buckets_and_peek_does_not_touch() {
+        let mut s = Shard::new(10);
+        s.set(b"a", b"1", v(1), 0, 0);
+        s.set(b"b", b"2", v(1), 5, 0);
+        s.set(b"c", b"3", v(1), 0, FLAG_TOMBSTONE);
+        let mut seen = Vec::new();
+        s.for_each_in(&BucketSet::all(), 10, |e| seen.push(e.key().to_vec()));
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![b"a".to_vec(), b"c".to_vec()],
+            "b expired at tick 5"
+        );
+        let mut only_a = BucketSet::default();
+        only_a.insert(bucket_of(b"a"));
+        let mut seen = Vec::new();
+        s.for_each_in(&only_a, 0, |e| seen.push(e.key().to_vec()));
+        assert!(seen.contains(&b"a".to_vec()));
+        assert_eq!(s.peek(b"a", 0).unwrap().value(), b"1");
+        assert_eq!(
+            s.keys_by_recency()[0],
+            b"c",
+            "peek leaves the LRU order alone"
+        );
+        assert!(s.peek(b"b", 5).is_none());
     }
 }

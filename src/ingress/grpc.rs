@@ -6,10 +6,7 @@
 use super::CoreCtx;
 use crate::{
     cluster::replication::Level,
-    engine::{
-        command::{Command, ReplicaEntry, Reply, Request, Response},
-        hlc::Version,
-    },
+    engine::command::{Command, Reply, Request, Response},
     error::Error,
     observability::metrics::Cmd,
     pb,
@@ -185,16 +182,7 @@ async fn replica_write(
     m: pb::ReplicaWrite,
     deadline: Instant,
 ) -> Result<pb::ReplicaAck, Error> {
-    let entry = ReplicaEntry {
-        version: Version {
-            hlc: m.hlc,
-            node: m.node,
-        },
-        ttl_ms: m.ttl_ms,
-        flags: m.flags as u8,
-        value: m.value,
-        key: m.key,
-    };
+    let entry = crate::cluster::antientropy::entry_from_pb(m);
     match ctx
         .route(
             ctx.shard(&entry.key),
@@ -217,6 +205,7 @@ async fn replica_read(
     deadline: Instant,
 ) -> Result<pb::ReplicaEntry, Error> {
     let key = m.key;
+    let syncing = ctx.coordinator.syncing(&key);
     match ctx
         .route(ctx.shard(&key), Command::Read { key }, deadline, Level::One)
         .await?
@@ -228,8 +217,12 @@ async fn replica_read(
             node: e.version.node,
             ttl_ms: e.ttl_ms,
             flags: e.flags as u32,
+            syncing,
         }),
-        Reply::Entry(None) => Ok(pb::ReplicaEntry::default()),
+        Reply::Entry(None) => Ok(pb::ReplicaEntry {
+            syncing,
+            ..Default::default()
+        }),
         _ => Err(Error::Internal("unexpected reply to a replica read".into())),
     }
 }

@@ -54,7 +54,9 @@ pub struct CoreSetup {
     /// Cores that have finished draining their connections.
     pub drained: Arc<AtomicUsize>,
     /// Each core takes one receiver of snapshot requests from here (side::ControlReceiver).
-    pub control: crossbeam_channel::Receiver<side::ControlReceiver>,
+    /// The side thread's channel to each core, by core index: anti-entropy sends entries to
+    /// the core that owns their shard. Taken once, at start.
+    pub control: Arc<Vec<std::sync::Mutex<Option<side::ControlReceiver>>>>,
 }
 
 /// A core's state shared by its tasks.
@@ -129,6 +131,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         tombstone_ttl_secs: config.tombstone_ttl_secs,
         read_repairs: std::cell::Cell::new(0),
         hints: Rc::new(Hints::new(config.hints.per_core(router.nr_cores()))),
+        syncing: std::cell::RefCell::new(Rc::new(Default::default())),
     });
     if coordinator.hints.enabled() {
         let ring_of = Rc::clone(&coordinator);
@@ -157,7 +160,11 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         let ctx = Rc::clone(&ctx);
         router.serve(move |req| ctx.handle_owned(req));
     }
-    if let Ok(control) = setup.control.try_recv() {
+    let control = setup
+        .control
+        .get(core)
+        .and_then(|slot| slot.lock().ok()?.take());
+    if let Some(control) = control {
         glommio::spawn_local(answer_control(Rc::clone(&ctx), control)).detach();
     }
 
@@ -303,7 +310,33 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
                 *ctx.coordinator.ring.borrow_mut() = Rc::new(*ring);
                 continue;
             }
+            side::ControlMsg::Syncing(buckets) => {
+                *ctx.coordinator.syncing.borrow_mut() = Rc::new((*buckets).clone());
+                continue;
+            }
             side::ControlMsg::Snapshot(reply_tx) => reply_tx,
+            // Anti-entropy and data movement: synchronous work on this core's shards. A list
+            // or drop scans the core's entries once; they come in bounded bucket sets.
+            side::ControlMsg::Digests(tx) => {
+                let _ = tx.send(ctx.engine.digests());
+                continue;
+            }
+            side::ControlMsg::List(buckets, tx) => {
+                let _ = tx.send(ctx.engine.list(&buckets));
+                continue;
+            }
+            side::ControlMsg::Fetch(keys, tx) => {
+                let _ = tx.send(ctx.engine.fetch(&keys));
+                continue;
+            }
+            side::ControlMsg::Apply(entries, tx) => {
+                let _ = tx.send(ctx.engine.apply_all(entries));
+                continue;
+            }
+            side::ControlMsg::Drop(buckets, tx) => {
+                let _ = tx.send(ctx.engine.drop_buckets(&buckets));
+                continue;
+            }
         };
         let router = &ctx.router;
         let in_flight = (0..router.nr_cores())

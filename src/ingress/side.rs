@@ -7,13 +7,16 @@
 
 use crate::{
     cluster::{
+        antientropy::{self, AntiEntropy, Cores},
         membership::{
             self, MemberState, MembershipCmd, MembershipSettings, MembershipView, SharedView,
         },
-        ring::Ring,
+        ring::{BucketSet, Ring},
     },
+    engine::{command::ReplicaEntry, core::KeyVersion},
     observability::metrics::{self, CoreSnapshot, NodeSnapshot},
     pb,
+    routing::ShardId,
 };
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -31,6 +34,18 @@ pub enum ControlMsg {
     Snapshot(oneshot::Sender<CoreSnapshot>),
     /// A new ring to use from now on.
     Ring(Box<Ring>),
+    /// Anti-entropy: the XOR of its shards' digests, per ring bucket.
+    Digests(oneshot::Sender<Vec<u64>>),
+    /// Anti-entropy: key, version and flags of its live entries in these buckets.
+    List(Arc<BucketSet>, oneshot::Sender<Vec<KeyVersion>>),
+    /// Anti-entropy: its entries for these keys (of its shards).
+    Fetch(Vec<(ShardId, Vec<u8>)>, oneshot::Sender<Vec<ReplicaEntry>>),
+    /// Anti-entropy: apply entries from another replica; answers how many changed something.
+    Apply(Vec<(ShardId, ReplicaEntry)>, oneshot::Sender<usize>),
+    /// Data movement: drop its entries in these buckets; answers how many.
+    Drop(Arc<BucketSet>, oneshot::Sender<usize>),
+    /// The buckets this node is still receiving.
+    Syncing(Arc<BucketSet>),
 }
 pub type ControlReceiver = mpsc::UnboundedReceiver<ControlMsg>;
 
@@ -60,6 +75,7 @@ pub struct Gatherer {
     cores: Vec<mpsc::UnboundedSender<ControlMsg>>,
     started: Instant,
     view: SharedView,
+    data_movement: Arc<antientropy::Counters>,
 }
 
 impl Gatherer {
@@ -88,6 +104,7 @@ impl Gatherer {
             }
         }
         NodeSnapshot {
+            data_movement: self.data_movement.snapshot(),
             members,
             cores,
             rss_bytes: metrics::process_rss_bytes(),
@@ -104,9 +121,11 @@ struct NodeStats {
     read_quorum: usize,
 }
 
-/// The Leave endpoint of the peer protocol (Write and Read are served on the cores).
+/// The peer protocol's endpoints served here: Leave, and anti-entropy's (Write and Read are
+/// served on the cores).
 struct PeerLeave {
     membership: mpsc::UnboundedSender<MembershipCmd>,
+    cores: Cores,
 }
 
 #[tonic::async_trait]
@@ -131,6 +150,38 @@ impl pb::peer_service_server::PeerService for PeerLeave {
             .membership
             .send(MembershipCmd::PeerLeft(req.into_inner().addr));
         Ok(tonic::Response::new(pb::LeaveAck {}))
+    }
+    async fn digests(
+        &self,
+        req: tonic::Request<pb::DigestRequest>,
+    ) -> Result<tonic::Response<pb::DigestReply>, Status> {
+        antientropy::serve_digests(&self.cores, req.into_inner())
+            .await
+            .map(tonic::Response::new)
+    }
+    async fn keys(
+        &self,
+        req: tonic::Request<pb::KeysRequest>,
+    ) -> Result<tonic::Response<pb::KeysReply>, Status> {
+        antientropy::serve_keys(&self.cores, req.into_inner())
+            .await
+            .map(tonic::Response::new)
+    }
+    async fn fetch(
+        &self,
+        req: tonic::Request<pb::FetchRequest>,
+    ) -> Result<tonic::Response<pb::EntryBatch>, Status> {
+        Ok(tonic::Response::new(
+            antientropy::serve_fetch(&self.cores, req.into_inner()).await,
+        ))
+    }
+    async fn apply(
+        &self,
+        req: tonic::Request<pb::EntryBatch>,
+    ) -> Result<tonic::Response<pb::ApplyAck>, Status> {
+        Ok(tonic::Response::new(
+            antientropy::serve_apply(&self.cores, req.into_inner()).await,
+        ))
     }
 }
 
@@ -242,6 +293,11 @@ pub struct ClusterSettings {
     pub replication_factor: usize,
     pub write_quorum: usize,
     pub read_quorum: usize,
+    pub num_shards: u32,
+    /// None: no anti-entropy rounds (ANTI_ENTROPY=off).
+    pub anti_entropy_interval: Option<Duration>,
+    /// After a ring change, how long reads also ask former owners and former owners keep data.
+    pub transition: Duration,
 }
 
 /// Tells every other member this node is leaving, best effort, at most `timeout`.
@@ -274,6 +330,9 @@ pub struct SideThread {
     health: HealthReporter,
     membership: mpsc::UnboundedSender<MembershipCmd>,
     view: SharedView,
+    anti_entropy: Arc<AntiEntropy>,
+    vnodes: u32,
+    replication_factor: usize,
     me: String,
     thread: thread::JoinHandle<()>,
     stop_tx: oneshot::Sender<()>,
@@ -338,10 +397,27 @@ impl SideThread {
                 cluster.replication_factor,
             ),
         }));
+        let counters = Arc::new(antientropy::Counters::default());
+        let cores = Cores {
+            txs: controls.clone(),
+            num_shards: cluster.num_shards,
+        };
+        let anti_entropy = Arc::new(AntiEntropy::new(
+            antientropy::Settings {
+                me: cluster.me.clone(),
+                interval: cluster.anti_entropy_interval.unwrap_or(Duration::MAX),
+                transition: cluster.transition,
+            },
+            cores.clone(),
+            Arc::clone(&counters),
+        ));
+        let (ring_tx, ring_rx) =
+            tokio::sync::watch::channel(view.lock().expect("fresh").ring.clone());
         let gatherer = Gatherer {
             cores: controls,
             started: Instant::now(),
             view: Arc::clone(&view),
+            data_movement: Arc::clone(&counters),
         };
         let metrics_listener = match metrics_addr {
             Some(addr) => {
@@ -373,9 +449,14 @@ impl SideThread {
                 write_quorum: cluster.write_quorum,
                 read_quorum: cluster.read_quorum,
             }))
-            .add_service(pb::peer_service_server::PeerServiceServer::new(PeerLeave {
-                membership: membership_tx.clone(),
-            }));
+            .add_service(
+                pb::peer_service_server::PeerServiceServer::new(PeerLeave {
+                    membership: membership_tx.clone(),
+                    cores: cores.clone(),
+                })
+                .max_decoding_message_size(antientropy::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(antientropy::MAX_MESSAGE_BYTES),
+            );
         // Bound here, before the cores start, so a taken UDP port is a start-up error.
         let gossip_socket = std::net::UdpSocket::bind(cluster.bind).map_err(|e| {
             anyhow::anyhow!("cannot bind the gossip socket (UDP {}): {e}", cluster.bind)
@@ -393,6 +474,8 @@ impl SideThread {
         let (tx, mut rx) = mpsc::unbounded_channel::<Forwarded>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let reporter = health.clone();
+        let ae_task = Arc::clone(&anti_entropy);
+        let anti_entropy_on = cluster.anti_entropy_interval.is_some();
         let thread = thread::Builder::new().name("side".into()).spawn(move || {
             runtime.block_on(async move {
                 for name in HEALTH_NAMES {
@@ -407,6 +490,7 @@ impl SideThread {
                                 for tx in &ring_senders {
                                     let _ = tx.send(ControlMsg::Ring(Box::new(ring.clone())));
                                 }
+                                let _ = ring_tx.send(ring);
                             };
                             membership::start(
                                 membership_settings,
@@ -419,6 +503,9 @@ impl SideThread {
                         });
                     }
                     Err(e) => tracing::error!(error = %e, "gossip socket failed"),
+                }
+                if anti_entropy_on {
+                    tokio::spawn(Arc::clone(&ae_task).run(ring_rx));
                 }
                 if let Some(l) = metrics_listener {
                     match tokio::net::TcpListener::from_std(l) {
@@ -455,6 +542,9 @@ impl SideThread {
                 health,
                 membership: membership_tx,
                 view,
+                anti_entropy,
+                vnodes: cluster.vnodes,
+                replication_factor: cluster.replication_factor,
                 me: cluster.me,
                 thread,
                 stop_tx,
@@ -501,6 +591,45 @@ impl SideThread {
             let _ = finished_tx.send(());
         });
         let _ = finished_rx.recv_timeout(timeout * 2);
+    }
+
+    /// Before exiting after a graceful leave: pushes everything this node holds to the nodes
+    /// that take over its buckets, waiting at most `timeout` for them to acknowledge.
+    pub fn hand_off_all(&self, timeout: Duration) {
+        let others: Vec<String> = match self.view.lock() {
+            Ok(v) => v
+                .ring
+                .nodes()
+                .iter()
+                .filter(|n| **n != self.me)
+                .cloned()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if others.is_empty() {
+            return;
+        }
+        let ring = Ring::new(others, self.vnodes, self.replication_factor);
+        let ae = Arc::clone(&self.anti_entropy);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let started = Instant::now();
+        self.runtime.spawn(async move {
+            let acked = ae.hand_off(&ring, false).await;
+            let _ = done_tx.send(acked);
+        });
+        match done_rx.recv_timeout(timeout) {
+            Ok(true) => tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "handed off every bucket to the nodes taking over"
+            ),
+            Ok(false) => {
+                tracing::warn!("hand-off incomplete: some nodes taking over did not acknowledge")
+            }
+            Err(_) => tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "hand-off timeout hit before the nodes taking over acknowledged"
+            ),
+        }
     }
 
     pub fn stop(self) {

@@ -178,6 +178,8 @@ pub struct CoreSnapshot {
 #[derive(Debug, Default)]
 pub struct NodeSnapshot {
     pub cores: Vec<CoreSnapshot>,
+    /// Anti-entropy and data movement, node-wide (they run on the side thread).
+    pub data_movement: crate::cluster::antientropy::Counts,
     /// (state, number of members in it), this node included.
     pub members: Vec<(&'static str, u64)>,
     pub rss_bytes: u64,
@@ -409,6 +411,45 @@ impl Collector for SnapshotCollector {
             "Hints held for replicas that have not answered yet, by core.",
             &gauge(&|c| c.hints.queued),
         )?;
+        let dm = self.0.data_movement;
+        for (name, help, value) in [
+            (
+                "cache_anti_entropy_rounds",
+                "Anti-entropy rounds run (every interval and after each ring change).",
+                dm.rounds,
+            ),
+            (
+                "cache_anti_entropy_buckets_compared",
+                "Ring buckets compared with a peer's (the ranges of the digest tree).",
+                dm.buckets_compared,
+            ),
+            (
+                "cache_anti_entropy_bytes",
+                "Bytes of anti-entropy messages sent and received (digests, key lists, entries).",
+                dm.bytes,
+            ),
+            (
+                "cache_rebalance_entries_handed_off",
+                "Entries pushed to their new replicas from buckets this node no longer replicates.",
+                dm.handed_off,
+            ),
+            (
+                "cache_rebalance_entries_dropped",
+                "Entries dropped from buckets this node no longer replicates, once handed off.",
+                dm.dropped,
+            ),
+        ] {
+            counter_family(&mut encoder, name, help, &[(Vec::new(), value)])?;
+        }
+        counter_family(
+            &mut encoder,
+            "cache_anti_entropy_entries",
+            "Entries repaired or streamed by anti-entropy, pulled from peers or pushed to them.",
+            &[
+                (vec![("direction", "pulled".to_string())], dm.pulled),
+                (vec![("direction", "pushed".to_string())], dm.pushed),
+            ],
+        )?;
         let members: Vec<(Labels, i64)> = self
             .0
             .members
@@ -472,6 +513,11 @@ mod tests {
             0,
         );
         let text = render(NodeSnapshot {
+            data_movement: crate::cluster::antientropy::Counts {
+                rounds: 4,
+                pulled: 7,
+                ..Default::default()
+            },
             members: vec![("ALIVE", 3)],
             cores: vec![snap],
             rss_bytes: 1 << 20,
@@ -479,6 +525,14 @@ mod tests {
         });
         assert!(
             text.contains(r#"cache_requests_total{core="1",command="set",code="OK"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ncache_anti_entropy_rounds_total 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cache_anti_entropy_entries_total{direction="pulled"} 7"#),
             "{text}"
         );
         assert!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 /// A free port whose number is also free over UDP.
-fn free_cluster_port() -> u16 {
+pub fn free_cluster_port() -> u16 {
     loop {
         let p = free_port();
         if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
@@ -19,7 +19,7 @@ fn free_cluster_port() -> u16 {
     }
 }
 
-fn set(key: &str, value: &str) -> SetRequest {
+pub fn set(key: &str, value: &str) -> SetRequest {
     SetRequest {
         key: key.into(),
         payload: Some(set_request::Payload::Value(value.into())),
@@ -27,21 +27,21 @@ fn set(key: &str, value: &str) -> SetRequest {
     }
 }
 
-fn get(key: &str, level: Consistency) -> GetRequest {
+pub fn get(key: &str, level: Consistency) -> GetRequest {
     GetRequest {
         key: key.into(),
         consistency: level as i32,
     }
 }
 
-async fn start_node(addr: &str, seed: &str, extra: &[(&str, &str)]) -> Node {
+pub async fn start_node(addr: &str, seed: &str, extra: &[(&str, &str)]) -> Node {
     let mut env = vec![("ADDR", addr), ("PEERS", seed), ("RPC_TIMEOUT", "2")];
     env.extend_from_slice(extra);
     Node::start(&env).await
 }
 
 /// Members as `node` sees them: (addr, state).
-async fn members(node: &Node) -> Vec<(String, String)> {
+pub async fn members(node: &Node) -> Vec<(String, String)> {
     let Ok(channel) = tonic::transport::Endpoint::from_shared(node.url())
         .unwrap()
         .connect()
@@ -64,7 +64,7 @@ async fn members(node: &Node) -> Vec<(String, String)> {
 }
 
 /// Waits until every node sees every address in `addrs` as ALIVE.
-async fn wait_converged(nodes: &[&Node], addrs: &[String]) {
+pub async fn wait_converged(nodes: &[&Node], addrs: &[String]) {
     for node in nodes {
         wait_until(
             Duration::from_secs(20),
@@ -80,7 +80,7 @@ async fn wait_converged(nodes: &[&Node], addrs: &[String]) {
     }
 }
 
-async fn cluster(n: usize, extra: &[(&str, &str)]) -> (Vec<Node>, Vec<String>) {
+pub async fn cluster(n: usize, extra: &[(&str, &str)]) -> (Vec<Node>, Vec<String>) {
     let addrs: Vec<String> = (0..n)
         .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
         .collect();
@@ -93,7 +93,7 @@ async fn cluster(n: usize, extra: &[(&str, &str)]) -> (Vec<Node>, Vec<String>) {
     (nodes, addrs)
 }
 
-fn value_of(r: &distributed_cache::pb::GetResponse) -> String {
+pub fn value_of(r: &distributed_cache::pb::GetResponse) -> String {
     match &r.payload {
         Some(get_response::Payload::Value(v)) => v.clone(),
         other => panic!("unexpected payload {other:?}"),
@@ -260,10 +260,18 @@ async fn a_read_repairs_a_stale_replica() {
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
         .collect();
-    let mut nodes =
-        vec![start_node(&addrs[0], &addrs[0], &[("METRICS_ADDR", &metrics_addr)]).await];
+    // Read repair alone: anti-entropy would bring node 3 up to date by itself.
+    let no_ae = ("ANTI_ENTROPY", "off");
+    let mut nodes = vec![
+        start_node(
+            &addrs[0],
+            &addrs[0],
+            &[("METRICS_ADDR", &metrics_addr), no_ae],
+        )
+        .await,
+    ];
     for a in &addrs[1..] {
-        nodes.push(start_node(a, &addrs[0], &[]).await);
+        nodes.push(start_node(a, &addrs[0], &[no_ae]).await);
     }
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, &addrs).await;
@@ -272,7 +280,7 @@ async fn a_read_repairs_a_stale_replica() {
     c1.set(set("repair-me", "fresh")).await.unwrap();
     nodes[2].signal(libc::SIGKILL);
     nodes[2].wait_exit(Duration::from_secs(5)).await;
-    nodes[2] = start_node(&addrs[2], &addrs[0], &[]).await;
+    nodes[2] = start_node(&addrs[2], &addrs[0], &[no_ae]).await;
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, &addrs).await;
     let mut c3 = nodes[2].client().await.unwrap();
@@ -377,23 +385,6 @@ async fn five_nodes_spread_keys_within_15_percent() {
         c.set(set(&format!("spread-{i}"), "v")).await.unwrap();
     }
     // Writes past the quorum finish in the background: wait for all 30,000 copies.
-    async fn held(nodes: &[Node]) -> Vec<u64> {
-        let mut out = Vec::new();
-        for node in nodes {
-            let channel = tonic::transport::Endpoint::from_shared(node.url())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let stats = NodeServiceClient::new(channel)
-                .stats(StatsRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            out.push(stats.cores.iter().map(|c| c.entries).sum::<u64>());
-        }
-        out
-    }
     wait_until(
         Duration::from_secs(20),
         "every replica write to land",
@@ -413,9 +404,12 @@ async fn five_nodes_spread_keys_within_15_percent() {
 }
 
 /// Sum of the samples of every series of `name` whose labels contain `label` (all cores).
-fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter(|l| {
+            (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                && l.contains(label)
+        })
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
 }
@@ -427,18 +421,20 @@ async fn hinted_handoff_brings_a_restarted_replica_up_to_date_with_no_reads() {
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
         .collect();
-    // Room for every key: the default CAPACITY (1000) would evict some.
+    // Room for every key: the default CAPACITY (1000) would evict some. Hints alone:
+    // anti-entropy would also bring node 3 up to date (tested in movement.rs).
     let room = ("CAPACITY", "100000");
+    let no_ae = ("ANTI_ENTROPY", "off");
     let mut nodes = vec![
         start_node(
             &addrs[0],
             &addrs[0],
-            &[("METRICS_ADDR", &metrics_addr), room],
+            &[("METRICS_ADDR", &metrics_addr), room, no_ae],
         )
         .await,
     ];
     for a in &addrs[1..] {
-        nodes.push(start_node(a, &addrs[0], &[room]).await);
+        nodes.push(start_node(a, &addrs[0], &[room, no_ae]).await);
     }
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, &addrs).await;
@@ -460,7 +456,7 @@ async fn hinted_handoff_brings_a_restarted_replica_up_to_date_with_no_reads() {
     );
 
     // Restarted empty with the same address, it is still an owner; nobody reads the keys.
-    nodes[2] = start_node(&addrs[2], &addrs[0], &[room]).await;
+    nodes[2] = start_node(&addrs[2], &addrs[0], &[room, no_ae]).await;
     let mut c3 = nodes[2].client().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut missing: Vec<usize> = (0..KEYS).collect();
@@ -493,4 +489,23 @@ async fn hinted_handoff_brings_a_restarted_replica_up_to_date_with_no_reads() {
         "{text}"
     );
     assert_eq!(metric_sum(&text, "cache_hints_queued", ""), 0.0, "{text}");
+}
+
+/// Entries each node holds (all its cores), from its Stats RPC.
+pub async fn held(nodes: &[Node]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let channel = tonic::transport::Endpoint::from_shared(node.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let stats = NodeServiceClient::new(channel)
+            .stats(StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(stats.cores.iter().map(|c| c.entries).sum::<u64>());
+    }
+    out
 }

@@ -8,6 +8,7 @@ mod config;
 mod grpcurl;
 mod limits;
 mod metrics;
+mod movement;
 mod shutdown;
 mod support;
 mod taskset;

@@ -1,0 +1,707 @@
+//! Anti-entropy and data movement, on the side thread.
+//!
+//! Every core keeps, per ring bucket (4096 of them, see [`super::ring`]), a digest of what its
+//! shards hold: the XOR of one hash per entry over key, version and tombstone bit, updated by
+//! every write, eviction, expiry and removal (never rebuilt by scanning). Two replicas compare
+//! the buckets they share top-down: 64 group digests first, then the bucket digests of the
+//! groups that differ, then key -> version lists of the buckets that differ, and exchange only
+//! the entries that differ, newest version winning (tombstones included). Expired entries are
+//! never listed nor sent, so a repair cannot bring one back.
+//!
+//! The same comparison moves data when the ring changes:
+//! - a node that became a replica of a bucket finds it differs from the other replicas and
+//!   pulls the entries, in bounded batches, with their versions and remaining TTLs (a join);
+//! - a node that holds buckets it no longer replicates pushes them to their replicas and drops
+//!   them once every replica holds the same digest and the transition window has passed;
+//! - a node that leaves gracefully pushes everything it holds to the nodes that take over
+//!   before it exits.
+//!
+//! A round runs every ANTI_ENTROPY_INTERVAL and at once after a ring change. The side thread
+//! asks the cores for digests, lists and entries by message; nothing here touches a shard.
+
+use super::ring::{BucketSet, Ring, BUCKETS};
+use crate::{
+    engine::{command::ReplicaEntry, core::KeyVersion, hlc::Version},
+    ingress::side::ControlMsg,
+    pb::{self, peer_service_client::PeerServiceClient},
+    routing::{owner_core, shard_of},
+};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::Channel;
+
+/// Buckets whose key lists are exchanged in one call.
+const BUCKETS_PER_LIST: usize = 16;
+/// Entries per Fetch or Apply call, and bytes at most (a single bigger entry goes alone).
+const ENTRIES_PER_BATCH: usize = 512;
+const BYTES_PER_BATCH: usize = 1 << 20;
+/// Deadline of one anti-entropy call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest message an anti-entropy call may carry either way.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// What anti-entropy and data movement did; read by metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub rounds: AtomicU64,
+    pub buckets_compared: AtomicU64,
+    pub pulled: AtomicU64,
+    pub pushed: AtomicU64,
+    pub handed_off: AtomicU64,
+    pub dropped: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// A copy of the counters for a scrape.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub rounds: u64,
+    pub buckets_compared: u64,
+    pub pulled: u64,
+    pub pushed: u64,
+    pub handed_off: u64,
+    pub dropped: u64,
+    pub bytes: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Counts {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counts {
+            rounds: l(&self.rounds),
+            buckets_compared: l(&self.buckets_compared),
+            pulled: l(&self.pulled),
+            pushed: l(&self.pushed),
+            handed_off: l(&self.handed_off),
+            dropped: l(&self.dropped),
+            bytes: l(&self.bytes),
+        }
+    }
+
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+pub fn entry_to_pb(e: &ReplicaEntry) -> pb::ReplicaWrite {
+    pb::ReplicaWrite {
+        key: e.key.clone(),
+        value: e.value.clone(),
+        hlc: e.version.hlc,
+        node: e.version.node,
+        ttl_ms: e.ttl_ms,
+        flags: e.flags as u32,
+    }
+}
+
+pub fn entry_from_pb(m: pb::ReplicaWrite) -> ReplicaEntry {
+    ReplicaEntry {
+        version: Version {
+            hlc: m.hlc,
+            node: m.node,
+        },
+        ttl_ms: m.ttl_ms,
+        flags: m.flags as u8,
+        value: m.value,
+        key: m.key,
+    }
+}
+
+/// The side thread's way to the cores' shards.
+#[derive(Clone)]
+pub struct Cores {
+    pub txs: Vec<mpsc::UnboundedSender<ControlMsg>>,
+    pub num_shards: u32,
+}
+
+impl Cores {
+    /// Asks every core; a core that is gone counts as holding nothing.
+    async fn ask_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> ControlMsg) -> Vec<T> {
+        let mut waiting = Vec::with_capacity(self.txs.len());
+        for tx in &self.txs {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send(make(reply_tx)).is_ok() {
+                waiting.push(reply_rx);
+            }
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            if let Ok(v) = rx.await {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Per bucket, the XOR of every core's digest.
+    pub async fn digests(&self) -> Vec<u64> {
+        let mut out = vec![0u64; BUCKETS];
+        for d in self.ask_all(ControlMsg::Digests).await {
+            for (o, x) in out.iter_mut().zip(d) {
+                *o ^= x;
+            }
+        }
+        out
+    }
+
+    pub async fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
+        let buckets = Arc::new(buckets.clone());
+        self.ask_all(|tx| ControlMsg::List(Arc::clone(&buckets), tx))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    fn by_core<T>(
+        &self,
+        items: Vec<T>,
+        key: impl Fn(&T) -> &[u8],
+    ) -> Vec<Vec<(crate::routing::ShardId, T)>> {
+        let mut per_core: Vec<Vec<_>> = (0..self.txs.len()).map(|_| Vec::new()).collect();
+        for item in items {
+            let shard = shard_of(key(&item), self.num_shards);
+            per_core[owner_core(shard, self.txs.len())].push((shard, item));
+        }
+        per_core
+    }
+
+    pub async fn fetch(&self, keys: Vec<Vec<u8>>) -> Vec<ReplicaEntry> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (core, keys) in self.by_core(keys, |k| k).into_iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.txs[core].send(ControlMsg::Fetch(keys, tx)).is_ok() {
+                out.extend(rx.await.unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// Applies entries from another replica; returns how many changed something.
+    pub async fn apply(&self, entries: Vec<ReplicaEntry>) -> usize {
+        let mut applied = 0;
+        for (core, entries) in self.by_core(entries, |e| &e.key).into_iter().enumerate() {
+            if entries.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.txs[core].send(ControlMsg::Apply(entries, tx)).is_ok() {
+                applied += rx.await.unwrap_or(0);
+            }
+        }
+        applied
+    }
+
+    pub async fn drop_buckets(&self, buckets: &BucketSet) -> usize {
+        let buckets = Arc::new(buckets.clone());
+        self.ask_all(|tx| ControlMsg::Drop(Arc::clone(&buckets), tx))
+            .await
+            .into_iter()
+            .sum()
+    }
+}
+
+/// XOR of the digests of `buckets` in each group of 64 buckets.
+pub fn group_digests(digests: &[u64], buckets: &BucketSet) -> Vec<u64> {
+    let mut groups = vec![0u64; BUCKETS / 64];
+    for b in buckets.iter() {
+        groups[b / 64] ^= digests[b];
+    }
+    groups
+}
+
+/// The anti-entropy endpoints of the peer protocol.
+pub async fn serve_digests(
+    cores: &Cores,
+    req: pb::DigestRequest,
+) -> Result<pb::DigestReply, tonic::Status> {
+    let buckets = BucketSet::from_bytes(&req.buckets)
+        .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))?;
+    let digests = cores.digests().await;
+    let digests = if req.groups {
+        group_digests(&digests, &buckets)
+    } else {
+        buckets.iter().map(|b| digests[b]).collect()
+    };
+    Ok(pb::DigestReply { digests })
+}
+
+pub async fn serve_keys(
+    cores: &Cores,
+    req: pb::KeysRequest,
+) -> Result<pb::KeysReply, tonic::Status> {
+    let buckets = BucketSet::from_bytes(&req.buckets)
+        .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))?;
+    let keys = cores
+        .list(&buckets)
+        .await
+        .into_iter()
+        .map(|kv| pb::KeyVersion {
+            key: kv.key,
+            hlc: kv.version.hlc,
+            node: kv.version.node,
+            flags: kv.flags as u32,
+        })
+        .collect();
+    Ok(pb::KeysReply { keys })
+}
+
+pub async fn serve_fetch(cores: &Cores, req: pb::FetchRequest) -> pb::EntryBatch {
+    let entries = cores.fetch(req.keys).await;
+    pb::EntryBatch {
+        entries: entries.iter().map(entry_to_pb).collect(),
+    }
+}
+
+pub async fn serve_apply(cores: &Cores, req: pb::EntryBatch) -> pb::ApplyAck {
+    let entries = req.entries.into_iter().map(entry_from_pb).collect();
+    pb::ApplyAck {
+        applied: cores.apply(entries).await as u32,
+    }
+}
+
+/// Anti-entropy settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub me: String,
+    pub interval: Duration,
+    /// How long after a ring change reads also ask the previous owners and former owners keep
+    /// their data.
+    pub transition: Duration,
+}
+
+/// Which way a comparison may move entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Both,
+    /// Only towards the peer (handing off buckets this node no longer replicates).
+    PushOnly,
+}
+
+/// What one comparison with one peer found and did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SyncOutcome {
+    pulled: usize,
+    pushed: usize,
+}
+
+pub struct AntiEntropy {
+    settings: Settings,
+    cores: Cores,
+    counters: Arc<Counters>,
+    clients: tokio::sync::Mutex<HashMap<String, PeerServiceClient<Channel>>>,
+    /// Buckets this node replicates but has not yet compared with a peer since it started or
+    /// became their replica; the cores learn them so that reads discount this node's "not
+    /// found" there. Only the side thread's tasks touch it, one at a time.
+    syncing: std::sync::Mutex<BucketSet>,
+}
+
+fn bytes_of<M: prost::Message>(m: &M) -> usize {
+    m.encoded_len()
+}
+
+impl AntiEntropy {
+    pub fn new(settings: Settings, cores: Cores, counters: Arc<Counters>) -> Self {
+        Self {
+            settings,
+            cores,
+            counters,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            syncing: std::sync::Mutex::new(BucketSet::default()),
+        }
+    }
+
+    fn publish_syncing(&self, set: &BucketSet) {
+        let set = Arc::new(set.clone());
+        for tx in &self.cores.txs {
+            let _ = tx.send(ControlMsg::Syncing(Arc::clone(&set)));
+        }
+    }
+
+    /// Changes the syncing set with `f` and tells the cores if it changed.
+    fn update_syncing(&self, f: impl FnOnce(&mut BucketSet)) {
+        let Ok(mut syncing) = self.syncing.lock() else {
+            return;
+        };
+        let before = syncing.clone();
+        f(&mut syncing);
+        if *syncing != before {
+            tracing::debug!(buckets = syncing.len(), "buckets still syncing");
+            self.publish_syncing(&syncing);
+        }
+    }
+
+    async fn client(&self, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        let c = PeerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn count_bytes(&self, n: usize) {
+        Counters::add(&self.counters.bytes, n);
+    }
+
+    /// Compares `buckets` with `peer` and exchanges what differs. Ok(true) when the two held
+    /// the same for every bucket compared by the end.
+    async fn sync(
+        &self,
+        peer: &str,
+        buckets: &BucketSet,
+        direction: Direction,
+    ) -> Result<SyncOutcome, tonic::Status> {
+        let mut client = self.client(peer).await?;
+        Counters::add(&self.counters.buckets_compared, buckets.len());
+        let local = self.cores.digests().await;
+        // Top level: groups of 64 buckets.
+        let req = pb::DigestRequest {
+            buckets: buckets.to_bytes(),
+            groups: true,
+        };
+        self.count_bytes(bytes_of(&req));
+        let remote_groups = client.digests(req).await?.into_inner();
+        self.count_bytes(bytes_of(&remote_groups));
+        let local_groups = group_digests(&local, buckets);
+        if remote_groups.digests.len() != local_groups.len() {
+            return Err(tonic::Status::internal(
+                "peer answered a different tree shape",
+            ));
+        }
+        let mut narrowed = BucketSet::default();
+        for b in buckets.iter() {
+            if local_groups[b / 64] != remote_groups.digests[b / 64] {
+                narrowed.insert(b);
+            }
+        }
+        if narrowed.is_empty() {
+            return Ok(SyncOutcome::default());
+        }
+        // Leaves of the groups that differ.
+        let req = pb::DigestRequest {
+            buckets: narrowed.to_bytes(),
+            groups: false,
+        };
+        self.count_bytes(bytes_of(&req));
+        let remote_leaves = client.digests(req).await?.into_inner();
+        self.count_bytes(bytes_of(&remote_leaves));
+        let differing: Vec<usize> = narrowed
+            .iter()
+            .zip(remote_leaves.digests.iter())
+            .filter(|(b, remote)| local[*b] != **remote)
+            .map(|(b, _)| b)
+            .collect();
+        let mut outcome = SyncOutcome::default();
+        for chunk in differing.chunks(BUCKETS_PER_LIST) {
+            let mut set = BucketSet::default();
+            for &b in chunk {
+                set.insert(b);
+            }
+            let o = self.sync_keys(&mut client, peer, &set, direction).await?;
+            outcome.pulled += o.pulled;
+            outcome.pushed += o.pushed;
+        }
+        Ok(outcome)
+    }
+
+    /// Exchanges the entries of `buckets` that differ between this node and `peer`.
+    async fn sync_keys(
+        &self,
+        client: &mut PeerServiceClient<Channel>,
+        peer: &str,
+        buckets: &BucketSet,
+        direction: Direction,
+    ) -> Result<SyncOutcome, tonic::Status> {
+        let req = pb::KeysRequest {
+            buckets: buckets.to_bytes(),
+        };
+        self.count_bytes(bytes_of(&req));
+        let remote = client.keys(req).await?.into_inner();
+        self.count_bytes(bytes_of(&remote));
+        let mut theirs: HashMap<Vec<u8>, Version> = remote
+            .keys
+            .into_iter()
+            .map(|k| {
+                (
+                    k.key,
+                    Version {
+                        hlc: k.hlc,
+                        node: k.node,
+                    },
+                )
+            })
+            .collect();
+        let mut pull = Vec::new();
+        let mut push = Vec::new();
+        for mine in self.cores.list(buckets).await {
+            match theirs.remove(&mine.key) {
+                Some(v) if v > mine.version => pull.push(mine.key),
+                Some(v) if v == mine.version => {}
+                _ => push.push(mine.key),
+            }
+        }
+        pull.extend(theirs.into_keys());
+        let mut outcome = SyncOutcome::default();
+        if direction == Direction::Both {
+            for keys in pull.chunks(ENTRIES_PER_BATCH) {
+                let req = pb::FetchRequest {
+                    keys: keys.to_vec(),
+                };
+                self.count_bytes(bytes_of(&req));
+                let batch = client.fetch(req).await?.into_inner();
+                self.count_bytes(bytes_of(&batch));
+                let entries: Vec<ReplicaEntry> =
+                    batch.entries.into_iter().map(entry_from_pb).collect();
+                outcome.pulled += self.cores.apply(entries).await;
+            }
+        }
+        for keys in push.chunks(ENTRIES_PER_BATCH) {
+            let entries = self.cores.fetch(keys.to_vec()).await;
+            for batch in batches(&entries) {
+                let req = pb::EntryBatch {
+                    entries: batch.iter().map(entry_to_pb).collect(),
+                };
+                self.count_bytes(bytes_of(&req));
+                let ack = client.apply(req).await?.into_inner();
+                self.count_bytes(bytes_of(&ack));
+                outcome.pushed += ack.applied as usize;
+            }
+        }
+        tracing::debug!(
+            peer,
+            buckets = buckets.len(),
+            pulled = outcome.pulled,
+            pushed = outcome.pushed,
+            "anti-entropy exchanged entries"
+        );
+        Ok(outcome)
+    }
+
+    /// One round: compare every bucket shared with every other node of `ring`, then hand off
+    /// the buckets this node holds but no longer replicates (dropping them when `may_drop`).
+    pub async fn round(&self, ring: &Ring, may_drop: bool) {
+        Counters::add(&self.counters.rounds, 1);
+        let me = self.settings.me.as_str();
+        let mut synced = BucketSet::default();
+        let alone = ring.nodes().iter().all(|n| n == me);
+        for peer in ring.nodes().iter().filter(|n| n.as_str() != me) {
+            let shared = ring.shared_buckets(me, peer);
+            if shared.is_empty() {
+                continue;
+            }
+            match self.sync(peer, &shared, Direction::Both).await {
+                Ok(o) => {
+                    Counters::add(&self.counters.pulled, o.pulled);
+                    Counters::add(&self.counters.pushed, o.pushed);
+                    synced.union_with(&shared);
+                }
+                Err(status) => {
+                    tracing::debug!(peer = %peer, error = %status.message(), "anti-entropy with peer failed");
+                }
+            }
+        }
+        // A bucket compared with at least one other replica now holds what that replica
+        // held: this node's answers count again.
+        self.update_syncing(|s| {
+            if alone {
+                *s = BucketSet::default();
+            } else {
+                s.subtract(&synced);
+            }
+        });
+        self.hand_off(ring, may_drop).await;
+    }
+
+    /// Pushes the buckets this node holds but does not replicate in `ring` to their replicas,
+    /// and drops them (when `may_drop`) once every replica holds the same. Returns true when
+    /// every replica acknowledged.
+    pub async fn hand_off(&self, ring: &Ring, may_drop: bool) -> bool {
+        let me = self.settings.me.as_str();
+        let digests = self.cores.digests().await;
+        let mut orphans = BucketSet::default();
+        for (b, &d) in digests.iter().enumerate() {
+            if d != 0 && !ring.bucket_replicas(b).contains(&me) {
+                orphans.insert(b);
+            }
+        }
+        if orphans.is_empty() {
+            return true;
+        }
+        let mut all_acked = true;
+        for node in ring.nodes().iter().filter(|n| n.as_str() != me) {
+            let mut theirs = BucketSet::default();
+            for b in orphans.iter() {
+                if ring.bucket_replicas(b).contains(&node.as_str()) {
+                    theirs.insert(b);
+                }
+            }
+            if theirs.is_empty() {
+                continue;
+            }
+            // Push, then compare again: the second pass finds nothing to send once the replica
+            // holds everything.
+            let pushed = self.sync(node, &theirs, Direction::PushOnly).await;
+            let settled = self.sync(node, &theirs, Direction::PushOnly).await;
+            match (pushed, settled) {
+                (Ok(o), Ok(again)) if again.pushed == 0 => {
+                    Counters::add(&self.counters.handed_off, o.pushed);
+                }
+                (Ok(o), _) => {
+                    Counters::add(&self.counters.handed_off, o.pushed);
+                    all_acked = false;
+                }
+                (Err(status), _) => {
+                    tracing::debug!(peer = %node, error = %status.message(), "hand-off failed");
+                    all_acked = false;
+                }
+            }
+        }
+        if all_acked && may_drop && ring.nodes().iter().any(|n| n != me) {
+            let dropped = self.cores.drop_buckets(&orphans).await;
+            Counters::add(&self.counters.dropped, dropped);
+            tracing::info!(
+                buckets = orphans.len(),
+                entries = dropped,
+                "dropped buckets this node no longer replicates, now held by their replicas"
+            );
+        }
+        all_acked
+    }
+
+    /// Runs rounds every interval and right after each ring change, forever.
+    pub async fn run(self: Arc<Self>, mut rings: watch::Receiver<Ring>) {
+        let mut changed_at = Instant::now();
+        // A node that starts holds nothing: every bucket syncs before its answers count.
+        self.update_syncing(|s| *s = BucketSet::all());
+        let mut previous: Option<Ring> = None;
+        loop {
+            let ring_changed = tokio::select! {
+                _ = tokio::time::sleep(self.settings.interval) => false,
+                r = rings.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    true
+                }
+            };
+            if ring_changed {
+                changed_at = Instant::now();
+            }
+            let ring = rings.borrow_and_update().clone();
+            if previous.as_ref() != Some(&ring) {
+                // Buckets this node has just become a replica of.
+                let me = self.settings.me.as_str();
+                let mut fresh = BucketSet::default();
+                for b in 0..BUCKETS {
+                    let now_replica = ring.bucket_replicas(b).contains(&me);
+                    let was = previous
+                        .as_ref()
+                        .map(|p| p.bucket_replicas(b).contains(&me))
+                        .unwrap_or(false);
+                    if now_replica && !was {
+                        fresh.insert(b);
+                    }
+                }
+                self.update_syncing(|s| s.union_with(&fresh));
+                previous = Some(ring.clone());
+            }
+            let settled = changed_at.elapsed() >= self.settings.transition;
+            self.round(&ring, settled).await;
+        }
+    }
+}
+
+/// Splits entries into batches of at most ENTRIES_PER_BATCH entries and about
+/// BYTES_PER_BATCH bytes.
+fn batches(entries: &[ReplicaEntry]) -> Vec<&[ReplicaEntry]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let size = e.key.len() + e.value.len() + 32;
+        if i > start && (i - start >= ENTRIES_PER_BATCH || bytes + size > BYTES_PER_BATCH) {
+            out.push(&entries[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(len: usize) -> ReplicaEntry {
+        ReplicaEntry {
+            key: b"k".to_vec(),
+            value: vec![0; len],
+            version: Version { hlc: 1, node: 1 },
+            ttl_ms: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let small: Vec<_> = (0..1200).map(|_| entry(10)).collect();
+        let b = batches(&small);
+        assert_eq!(
+            b.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            vec![512, 512, 176]
+        );
+        let big: Vec<_> = (0..5).map(|_| entry(600 << 10)).collect();
+        assert!(
+            batches(&big).iter().all(|b| b.len() == 1),
+            "one big entry per batch"
+        );
+        assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn group_digests_cover_only_the_requested_buckets() {
+        let digests: Vec<u64> = (0..BUCKETS as u64).map(|i| i * 7 + 1).collect();
+        let mut set = BucketSet::default();
+        set.insert(3);
+        set.insert(70);
+        let g = group_digests(&digests, &set);
+        assert_eq!(g[0], digests[3]);
+        assert_eq!(g[1], digests[70]);
+        assert!(g[2..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn entries_survive_the_wire_format() {
+        let e = ReplicaEntry {
+            key: b"key".to_vec(),
+            value: b"value".to_vec(),
+            version: Version { hlc: 42, node: 7 },
+            ttl_ms: 1500,
+            flags: 3,
+        };
+        assert_eq!(entry_from_pb(entry_to_pb(&e)), e);
+    }
+}
