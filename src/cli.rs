@@ -4,7 +4,7 @@
 
 use crate::pb::{
     cache_service_client::CacheServiceClient, get_response, node_service_client::NodeServiceClient,
-    set_request, DeleteRequest, GetRequest, SetRequest, StatsRequest,
+    set_request, Consistency, DeleteRequest, GetRequest, SetRequest, StatsRequest,
 };
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -30,6 +30,10 @@ pub enum Command {
     /// Print the value of KEY.
     Get {
         key: String,
+        /// Replicas that must answer: one (the node's own replica when it has one), quorum or
+        /// all.
+        #[arg(long, default_value = "quorum", value_parser = ["one", "quorum", "all"])]
+        consistency: String,
         #[command(flatten)]
         target: Target,
     },
@@ -111,12 +115,21 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("{} is {status}", t.addr);
             }
         }
-        Command::Get { key, target } => {
+        Command::Get {
+            key,
+            consistency,
+            target,
+        } => {
+            let consistency = match consistency.as_str() {
+                "one" => Consistency::One,
+                "all" => Consistency::All,
+                _ => Consistency::Quorum,
+            };
             let mut c = CacheServiceClient::new(channel(&target).await?);
             let resp = c
                 .get(GetRequest {
                     key,
-                    ..Default::default()
+                    consistency: consistency as i32,
                 })
                 .await
                 .map_err(|s| status_error(&target, s))?

@@ -10,9 +10,8 @@ use super::{
     entry::{Entry, FLAG_TOMBSTONE},
     hlc::Version,
 };
-use crate::cluster::ring::{bucket_of, BucketSet, BUCKETS};
+use crate::cluster::ring::{bucket_of, bucket_of_position, key_position, BucketSet, BUCKETS};
 use hashbrown::HashTable;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Time as the shard sees it: tenths of a second since the node started. 32 bits last 13
 /// years of uptime; 0 in an entry means "never expires".
@@ -61,10 +60,28 @@ pub fn remaining_ms(expires_at: Tick, now: Tick) -> u64 {
 /// order the writes landed in.
 #[inline]
 pub fn entry_digest(key: &[u8], version: Version, flags: u8) -> u64 {
-    let seed = version.hlc.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ (((version.node as u64) << 1 | (flags & FLAG_TOMBSTONE != 0) as u64)
-            .wrapping_mul(0xc2b2_ae3d_27d4_eb4f));
-    xxh3_64_with_seed(key, seed)
+    entry_digest_at(key_position(key), version, flags)
+}
+
+/// [`entry_digest`] from the key's ring position, which the caller has at hand: a write
+/// hashes its key once for both the bucket and the digest, and mixes the version in with two
+/// multiply-folds (wyhash's mixer) instead of hashing the key again.
+#[inline]
+pub fn entry_digest_at(position: u64, version: Version, flags: u8) -> u64 {
+    #[inline]
+    fn fold(a: u64, b: u64) -> u64 {
+        let r = (a as u128).wrapping_mul(b as u128);
+        (r as u64) ^ ((r >> 64) as u64)
+    }
+    let tail = (version.node as u64) << 1 | (flags & FLAG_TOMBSTONE != 0) as u64;
+    let h = fold(
+        position ^ 0xa076_1d64_78bd_642f,
+        version.hlc ^ 0xe703_7ed1_a0b4_28db,
+    );
+    fold(
+        h ^ 0x8ebc_6af0_9c88_c6e3,
+        tail ^ position.rotate_left(29) ^ 0x5899_65cc_7537_4cc3,
+    )
 }
 
 #[inline]
@@ -151,7 +168,8 @@ impl Shard {
 
     #[inline]
     fn digest_toggle(&mut self, key: &[u8], version: Version, flags: u8) {
-        self.digest[bucket_of(key)] ^= entry_digest(key, version, flags);
+        let pos = key_position(key);
+        self.digest[bucket_of_position(pos)] ^= entry_digest_at(pos, version, flags);
     }
 
     /// The digest of each ring bucket over this shard's entries.
@@ -249,8 +267,9 @@ impl Shard {
         let slot = &mut self.slots[s as usize];
         if let Some(entry) = slot.entry.take() {
             self.bytes -= entry.alloc_len();
-            self.digest[bucket_of(entry.key())] ^=
-                entry_digest(entry.key(), entry.version(), entry.flags());
+            let pos = key_position(entry.key());
+            self.digest[bucket_of_position(pos)] ^=
+                entry_digest_at(pos, entry.version(), entry.flags());
         }
         slot.next = self.free_head;
         self.free_head = s;
@@ -332,8 +351,10 @@ impl Shard {
         if let Some(s) = self.find(hash, key) {
             let slot = &mut self.slots[s as usize];
             let entry = slot.entry.as_mut().expect("indexed slots hold an entry");
-            self.digest[bucket_of(key)] ^= entry_digest(key, entry.version(), entry.flags())
-                ^ entry_digest(key, version, flags);
+            let pos = key_position(key);
+            self.digest[bucket_of_position(pos)] ^=
+                entry_digest_at(pos, entry.version(), entry.flags())
+                    ^ entry_digest_at(pos, version, flags);
             if !entry.try_overwrite(key, value, version, expires_at, flags) {
                 let new = Entry::new(key, value, version, expires_at, flags);
                 self.bytes = self.bytes - entry.alloc_len() + new.alloc_len();

@@ -24,6 +24,10 @@ async fn subcommands_against_a_node() {
     assert!(out.starts_with("OK version"), "{out}");
     let (code, out, _) = cli(&["get", "greeting", "--addr", a]);
     assert_eq!((code, out.as_str()), (0, "hello world\n"));
+    let (code, out, _) = cli(&["get", "greeting", "--consistency", "one", "--addr", a]);
+    assert_eq!((code, out.as_str()), (0, "hello world\n"));
+    let (code, _, err) = cli(&["get", "greeting", "--consistency", "most", "--addr", a]);
+    assert_eq!(code, 2, "{err}");
     let (code, out, _) = cli(&["set", "short", "x", "--ttl", "100", "--addr", a]);
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = cli(&["health", "--addr", a]);
