@@ -6,6 +6,7 @@ use crate::cluster::{
     cluster, free_cluster_port, get, held, metric_sum, set, start_node, value_of, wait_converged,
 };
 use crate::support::{free_port, wait_until, Node};
+use distributed_cache::cluster::ring::{Ring, DEFAULT_VNODES};
 use distributed_cache::pb::{peer_service_client::PeerServiceClient, Consistency, ReplicaWrite};
 use std::time::Duration;
 
@@ -76,6 +77,19 @@ async fn assert_every_key_reads_through_each(nodes: &[Node], prefix: &str, n: us
     }
 }
 
+/// How many of the keys `{prefix}0..n` each node replicates on the ring over `addrs` (the
+/// nodes' default VNODES and REPLICATION_FACTOR), in the order of `addrs`.
+fn expected_holdings(addrs: &[String], prefix: &str, n: usize) -> Vec<u64> {
+    let ring = Ring::new(addrs.iter().cloned(), DEFAULT_VNODES, 3);
+    let mut counts = vec![0u64; addrs.len()];
+    for i in 0..n {
+        for r in ring.replicas(format!("{prefix}{i}").as_bytes()) {
+            counts[addrs.iter().position(|a| a == r).expect("a ring node")] += 1;
+        }
+    }
+    counts
+}
+
 const FAST_AE: (&str, &str) = ("ANTI_ENTROPY_INTERVAL", "1");
 const ROOM: (&str, &str) = ("CAPACITY", "1000000");
 
@@ -103,13 +117,12 @@ async fn a_join_and_a_graceful_leave_keep_every_key_on_three_nodes() {
     addrs.push(a4);
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, &addrs).await;
+    // Each node ends up with exactly the keys the ring gives it: every key on exactly 3 nodes.
+    let expected = expected_holdings(&addrs, "k", KEYS);
     wait_until(
         Duration::from_secs(60),
         "the 4th node's share to move and former replicas to drop theirs",
-        || async {
-            let h = held(&nodes).await;
-            h.iter().sum::<u64>() == 3 * KEYS as u64 && h[3] > 0
-        },
+        || async { held(&nodes).await == expected },
     )
     .await;
     let h = held(&nodes).await;
@@ -135,12 +148,13 @@ async fn a_join_and_a_graceful_leave_keep_every_key_on_three_nodes() {
         "{}",
         nodes[0].log()
     );
-    let left = nodes.remove(0);
-    drop(left);
+    drop(nodes.remove(0));
+    addrs.remove(0);
+    let expected = expected_holdings(&addrs, "k", KEYS);
     wait_until(
         Duration::from_secs(60),
         "3 copies of every key on the 3 remaining nodes",
-        || async { held(&nodes).await.iter().sum::<u64>() == 3 * KEYS as u64 },
+        || async { held(&nodes).await == expected },
     )
     .await;
     assert_every_key_reads_through_each(&nodes, "k", KEYS, "after the leave").await;
