@@ -40,10 +40,11 @@ impl Service<http::Request<Body>> for PeerConn {
     }
 }
 
-/// This core's connections to other nodes, by address, and the outcome counts of its calls.
+/// This core's connections to other nodes, by address (with the origin URI tonic wants, parsed
+/// once per connection rather than per call), and the outcome counts of its calls.
 #[derive(Default)]
 pub struct PeerClients {
-    conns: RefCell<HashMap<String, Sender>>,
+    conns: RefCell<HashMap<String, (Sender, http::Uri)>>,
     /// peer -> [ok, error, timeout]; plain counters, this core only.
     outcomes: RefCell<HashMap<String, [u64; 3]>>,
 }
@@ -99,15 +100,20 @@ impl PeerClients {
         .await
     }
 
-    async fn sender(&self, addr: &str) -> Result<Sender, Status> {
-        if let Some(s) = self.conns.borrow().get(addr) {
+    async fn sender(&self, addr: &str) -> Result<(Sender, http::Uri), Status> {
+        if let Some((s, origin)) = self.conns.borrow().get(addr) {
             if !s.is_closed() {
-                return Ok(s.clone());
+                return Ok((s.clone(), origin.clone()));
             }
         }
+        let origin: http::Uri = format!("http://{addr}")
+            .parse()
+            .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
         let s = Self::connect(addr).await?;
-        self.conns.borrow_mut().insert(addr.to_string(), s.clone());
-        Ok(s)
+        self.conns
+            .borrow_mut()
+            .insert(addr.to_string(), (s.clone(), origin.clone()));
+        Ok((s, origin))
     }
 
     fn forget(&self, addr: &str) {
@@ -126,10 +132,7 @@ impl PeerClients {
         R: prost::Message + Default + Send + Sync + 'static,
     {
         let call = async {
-            let sender = self.sender(addr).await?;
-            let origin: http::Uri = format!("http://{addr}")
-                .parse()
-                .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
+            let (sender, origin) = self.sender(addr).await?;
             let mut grpc = tonic::client::Grpc::with_origin(PeerConn(sender), origin);
             grpc.ready()
                 .await
@@ -152,10 +155,17 @@ impl PeerClients {
             Err(s) if s.code() == tonic::Code::DeadlineExceeded => 2,
             Err(_) => 1,
         };
-        self.outcomes
-            .borrow_mut()
-            .entry(addr.to_string())
-            .or_default()[outcome] += 1;
+        // Looked up before inserting: `entry` would allocate the key on every call.
+        let mut outcomes = self.outcomes.borrow_mut();
+        match outcomes.get_mut(addr) {
+            Some(counts) => counts[outcome] += 1,
+            None => {
+                let mut counts = [0; 3];
+                counts[outcome] = 1;
+                outcomes.insert(addr.to_string(), counts);
+            }
+        }
+        drop(outcomes);
         if let Err(status) = &result {
             if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
                 self.forget(addr);
