@@ -21,7 +21,11 @@
 
 use super::ring::{BucketSet, Ring, BUCKETS};
 use crate::{
-    engine::{command::ReplicaEntry, core::KeyVersion, hlc::Version},
+    engine::{
+        command::ReplicaEntry,
+        core::{KeyVersion, Leaves},
+        hlc::Version,
+    },
     ingress::side::ControlMsg,
     pb::{self, peer_service_client::PeerServiceClient},
     routing::{owner_core, shard_of},
@@ -37,8 +41,9 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
-/// Buckets whose key lists are exchanged in one call.
-const BUCKETS_PER_LIST: usize = 16;
+/// Entries whose keys are listed in one call (a batch holds at least one bucket): each list
+/// scans the cores' entries once, so batches are as large as a bounded message allows.
+const KEYS_PER_LIST: u64 = 50_000;
 /// Entries per Fetch or Apply call, and bytes at most (a single bigger entry goes alone).
 const ENTRIES_PER_BATCH: usize = 512;
 const BYTES_PER_BATCH: usize = 1 << 20;
@@ -140,13 +145,11 @@ impl Cores {
         out
     }
 
-    /// Per bucket, the XOR of every core's digest.
-    pub async fn digests(&self) -> Vec<u64> {
-        let mut out = vec![0u64; BUCKETS];
-        for d in self.ask_all(ControlMsg::Digests).await {
-            for (o, x) in out.iter_mut().zip(d) {
-                *o ^= x;
-            }
+    /// Per bucket, the XOR of every core's digest and the node's entry count.
+    pub async fn digests(&self) -> Leaves {
+        let mut out = Leaves::default();
+        for l in self.ask_all(ControlMsg::Digests).await {
+            out.add(&l.digests, &l.counts);
         }
         out
     }
@@ -227,13 +230,18 @@ pub async fn serve_digests(
 ) -> Result<pb::DigestReply, tonic::Status> {
     let buckets = BucketSet::from_bytes(&req.buckets)
         .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))?;
-    let digests = cores.digests().await;
-    let digests = if req.groups {
-        group_digests(&digests, &buckets)
+    let leaves = cores.digests().await;
+    Ok(if req.groups {
+        pb::DigestReply {
+            digests: group_digests(&leaves.digests, &buckets),
+            counts: Vec::new(),
+        }
     } else {
-        buckets.iter().map(|b| digests[b]).collect()
-    };
-    Ok(pb::DigestReply { digests })
+        pb::DigestReply {
+            digests: buckets.iter().map(|b| leaves.digests[b]).collect(),
+            counts: buckets.iter().map(|b| leaves.counts[b]).collect(),
+        }
+    })
 }
 
 pub async fn serve_keys(
@@ -373,6 +381,7 @@ impl AntiEntropy {
         let mut client = self.client(peer).await?;
         Counters::add(&self.counters.buckets_compared, buckets.len());
         let local = self.cores.digests().await;
+        let (local, local_counts) = (local.digests, local.counts);
         // Top level: groups of 64 buckets.
         let req = pb::DigestRequest {
             buckets: buckets.to_bytes(),
@@ -404,18 +413,18 @@ impl AntiEntropy {
         self.count_bytes(bytes_of(&req));
         let remote_leaves = client.digests(req).await?.into_inner();
         self.count_bytes(bytes_of(&remote_leaves));
-        let differing: Vec<usize> = narrowed
+        // (bucket, entries on the larger side) for the buckets that differ.
+        let differing: Vec<(usize, u64)> = narrowed
             .iter()
-            .zip(remote_leaves.digests.iter())
-            .filter(|(b, remote)| local[*b] != **remote)
-            .map(|(b, _)| b)
+            .enumerate()
+            .filter(|&(i, b)| remote_leaves.digests.get(i) != Some(&local[b]))
+            .map(|(i, b)| {
+                let theirs = remote_leaves.counts.get(i).copied().unwrap_or(0);
+                (b, theirs.max(local_counts[b]) as u64)
+            })
             .collect();
         let mut outcome = SyncOutcome::default();
-        for chunk in differing.chunks(BUCKETS_PER_LIST) {
-            let mut set = BucketSet::default();
-            for &b in chunk {
-                set.insert(b);
-            }
+        for set in list_batches(&differing, KEYS_PER_LIST) {
             let o = self.sync_keys(&mut client, peer, &set, direction).await?;
             outcome.pulled += o.pulled;
             outcome.pushed += o.pushed;
@@ -536,10 +545,10 @@ impl AntiEntropy {
     /// every replica acknowledged.
     pub async fn hand_off(&self, ring: &Ring, may_drop: bool) -> bool {
         let me = self.settings.me.as_str();
-        let digests = self.cores.digests().await;
+        let leaves = self.cores.digests().await;
         let mut orphans = BucketSet::default();
-        for (b, &d) in digests.iter().enumerate() {
-            if d != 0 && !ring.bucket_replicas(b).contains(&me) {
+        for (b, &n) in leaves.counts.iter().enumerate() {
+            if n > 0 && !ring.bucket_replicas(b).contains(&me) {
                 orphans.insert(b);
             }
         }
@@ -630,6 +639,26 @@ impl AntiEntropy {
     }
 }
 
+/// Groups (bucket, entries) into bucket sets of about `max_keys` entries each (a bucket bigger
+/// than that goes alone).
+fn list_batches(buckets: &[(usize, u64)], max_keys: u64) -> Vec<BucketSet> {
+    let mut out = Vec::new();
+    let mut set = BucketSet::default();
+    let mut keys = 0;
+    for &(b, n) in buckets {
+        if !set.is_empty() && keys + n > max_keys {
+            out.push(std::mem::take(&mut set));
+            keys = 0;
+        }
+        set.insert(b);
+        keys += n;
+    }
+    if !set.is_empty() {
+        out.push(set);
+    }
+    out
+}
+
 /// Splits entries into batches of at most ENTRIES_PER_BATCH entries and about
 /// BYTES_PER_BATCH bytes.
 fn batches(entries: &[ReplicaEntry]) -> Vec<&[ReplicaEntry]> {
@@ -679,6 +708,17 @@ mod tests {
             "one big entry per batch"
         );
         assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn key_lists_are_batched_by_entry_count() {
+        let buckets: Vec<(usize, u64)> = vec![(1, 30), (2, 30), (3, 100), (4, 5), (5, 5)];
+        let sets: Vec<Vec<usize>> = list_batches(&buckets, 60)
+            .iter()
+            .map(|s| s.iter().collect())
+            .collect();
+        assert_eq!(sets, vec![vec![1, 2], vec![3], vec![4, 5]]);
+        assert!(list_batches(&[], 60).is_empty());
     }
 
     #[test]

@@ -19,6 +19,35 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The leaves of a node's (or a core's) digest tree: per ring bucket, the XOR of its entries'
+/// digests and how many entries it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leaves {
+    pub digests: Vec<u64>,
+    pub counts: Vec<u32>,
+}
+
+impl Default for Leaves {
+    fn default() -> Self {
+        Leaves {
+            digests: vec![0; BUCKETS],
+            counts: vec![0; BUCKETS],
+        }
+    }
+}
+
+impl Leaves {
+    /// Folds another part of the same tree in (another shard, another core).
+    pub fn add(&mut self, digests: &[u64], counts: &[u32]) {
+        for (o, d) in self.digests.iter_mut().zip(digests) {
+            *o ^= d;
+        }
+        for (o, c) in self.counts.iter_mut().zip(counts) {
+            *o += c;
+        }
+    }
+}
+
 /// What replicas compare for one key in anti-entropy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyVersion {
@@ -190,13 +219,11 @@ impl CoreEngine {
             })
     }
 
-    /// Per ring bucket, the XOR of the digests of this core's shards.
-    pub fn digests(&self) -> Vec<u64> {
-        let mut out = vec![0u64; BUCKETS];
+    /// Per ring bucket, the XOR of the digests of this core's shards and its entry count.
+    pub fn digests(&self) -> Leaves {
+        let mut out = Leaves::default();
         for shard in self.shards.borrow().iter() {
-            for (o, d) in out.iter_mut().zip(shard.digest()) {
-                *o ^= d;
-            }
+            out.add(shard.digest(), shard.counts());
         }
         out
     }
@@ -327,9 +354,11 @@ mod tests {
         let fetched = engine.fetch(&keys);
         assert_eq!(fetched.len(), mine.len());
         assert!(fetched.iter().all(|e| e.ttl_ms > 59_000 && e.value == b"v"));
-        assert_ne!(engine.digests(), vec![0; BUCKETS]);
+        let leaves = engine.digests();
+        assert_ne!(leaves.digests, vec![0; BUCKETS]);
+        assert_eq!(leaves.counts.iter().sum::<u32>() as usize, mine.len());
         assert_eq!(engine.drop_buckets(&BucketSet::all()), mine.len());
-        assert_eq!(engine.digests(), vec![0; BUCKETS]);
+        assert_eq!(engine.digests(), Leaves::default());
     }
 
     fn req(key: &str, command: Command) -> Request {

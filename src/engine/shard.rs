@@ -137,6 +137,8 @@ pub struct Shard {
     /// Per ring bucket, the XOR of `entry_digest` over the entries held: the leaves of the
     /// anti-entropy tree, kept up to date by every insert, overwrite and removal.
     digest: Box<[u64]>,
+    /// Per ring bucket, the number of entries held: sizes anti-entropy's key-list batches.
+    counts: Box<[u32]>,
 }
 
 impl Shard {
@@ -163,13 +165,21 @@ impl Shard {
             evictions: 0,
             expirations: 0,
             digest: vec![0; BUCKETS].into_boxed_slice(),
+            counts: vec![0; BUCKETS].into_boxed_slice(),
         }
     }
 
     #[inline]
-    fn digest_toggle(&mut self, key: &[u8], version: Version, flags: u8) {
+    fn digest_insert(&mut self, key: &[u8], version: Version, flags: u8) {
         let pos = key_position(key);
-        self.digest[bucket_of_position(pos)] ^= entry_digest_at(pos, version, flags);
+        let b = bucket_of_position(pos);
+        self.digest[b] ^= entry_digest_at(pos, version, flags);
+        self.counts[b] += 1;
+    }
+
+    /// The number of entries held in each ring bucket.
+    pub fn counts(&self) -> &[u32] {
+        &self.counts
     }
 
     /// The digest of each ring bucket over this shard's entries.
@@ -268,8 +278,9 @@ impl Shard {
         if let Some(entry) = slot.entry.take() {
             self.bytes -= entry.alloc_len();
             let pos = key_position(entry.key());
-            self.digest[bucket_of_position(pos)] ^=
-                entry_digest_at(pos, entry.version(), entry.flags());
+            let b = bucket_of_position(pos);
+            self.digest[b] ^= entry_digest_at(pos, entry.version(), entry.flags());
+            self.counts[b] -= 1;
         }
         slot.next = self.free_head;
         self.free_head = s;
@@ -368,7 +379,7 @@ impl Shard {
         }
         let entry = Entry::new(key, value, version, expires_at, flags);
         self.bytes += entry.alloc_len();
-        self.digest_toggle(key, version, flags);
+        self.digest_insert(key, version, flags);
         let s = self.alloc_slot(entry);
         let (index, slots, hasher) = (&mut self.index, &self.slots, &self.hasher);
         index.insert_unique(hash, s, |&x| {
@@ -707,6 +718,13 @@ mod tests {
                     }
                 }
                 prop_assert!(recount.as_slice() == s.digest());
+                let mut counted = vec![0u32; BUCKETS];
+                for slot in &s.slots {
+                    if let Some(e) = &slot.entry {
+                        counted[bucket_of(e.key())] += 1;
+                    }
+                }
+                prop_assert!(counted.as_slice() == s.counts());
             }
         }
     }

@@ -13,7 +13,10 @@ use crate::{
         },
         ring::{BucketSet, Ring},
     },
-    engine::{command::ReplicaEntry, core::KeyVersion},
+    engine::{
+        command::ReplicaEntry,
+        core::{KeyVersion, Leaves},
+    },
     observability::metrics::{self, CoreSnapshot, NodeSnapshot},
     pb,
     routing::ShardId,
@@ -35,7 +38,7 @@ pub enum ControlMsg {
     /// A new ring to use from now on.
     Ring(Box<Ring>),
     /// Anti-entropy: the XOR of its shards' digests, per ring bucket.
-    Digests(oneshot::Sender<Vec<u64>>),
+    Digests(oneshot::Sender<Leaves>),
     /// Anti-entropy: key, version and flags of its live entries in these buckets.
     List(Arc<BucketSet>, oneshot::Sender<Vec<KeyVersion>>),
     /// Anti-entropy: its entries for these keys (of its shards).
