@@ -26,6 +26,16 @@ scrape_sum() { # metric name, nodes...
         awk -v n="$name" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 entries() { scrape_sum cache_entries "$1"; }
+# Polls a condition every 0.2 s for at most $1 seconds; gives up the whole run if it never holds.
+within() {
+    local deadline=$(( $(date +%s) + $1 )); shift
+    until "$@"; do
+        [ "$(date +%s)" -lt "$deadline" ] || { echo "timed out: $*" >&2; exit 1; }
+        sleep 0.2
+    done
+}
+rounds() { scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3"; }
+rounds_past() { [ "$(rounds)" -ge "$1" ]; }
 alive() { "$BIN/distributed-cache" members --addr "$1" 2>/dev/null | grep -c ALIVE || true; }
 
 c1=127.0.0.1:$(free_port); c2=127.0.0.1:$(free_port); c3=127.0.0.1:$(free_port)
@@ -42,7 +52,7 @@ echo "loaded: $total copies of $KEYS keys"
 echo "== 1. one differing key in $KEYS"
 # Let a full round pass on every node after the load, then diverge one key on node 3.
 r0=$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")
-until [ "$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")" -ge $((r0 + 6)) ]; do sleep 0.2; done
+within 60 rounds_past $((r0 + 6))
 b0=$(scrape_sum cache_anti_entropy_bytes_total "$c1" "$c2" "$c3")
 r0=$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")
 hlc=$(( ($(date +%s%3N) + 60000) << 16 ))
@@ -51,7 +61,8 @@ grpcurl -plaintext -d "{\"key\":\"$(printf k%015d 4242 | base64)\",\"value\":\"$
 t0=$(date +%s%3N)
 # ONE through node 1 reads only node 1's replica, so the read repairs nothing itself.
 one_on_1() { grpcurl -plaintext -d "{\"key\":\"$(printf k%015d 4242)\",\"consistency\":\"ONE\"}" "$c1" pb.CacheService/Get 2>/dev/null; }
-until one_on_1 | grep -q '"diverged"'; do sleep 0.05; done
+repaired() { one_on_1 | grep -q '"diverged"'; }
+within 60 repaired
 t1=$(date +%s%3N)
 b1=$(scrape_sum cache_anti_entropy_bytes_total "$c1" "$c2" "$c3")
 r1=$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")
@@ -60,7 +71,7 @@ echo "repaired on node 1 after $((t1 - t0)) ms: $((b1 - b0)) bytes exchanged in 
      "one replica holds $held bytes of entries ($(python3 -c "print(f'{100*($b1-$b0)/$held:.4f}')")%)"
 # What a round costs when nothing differs, for reference.
 b2=$(scrape_sum cache_anti_entropy_bytes_total "$c1" "$c2" "$c3"); r2=$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")
-until [ "$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")" -ge $((r2 + 3)) ]; do sleep 0.2; done
+within 60 rounds_past $((r2 + 3))
 b3=$(scrape_sum cache_anti_entropy_bytes_total "$c1" "$c2" "$c3"); r3=$(scrape_sum cache_anti_entropy_rounds_total "$c1" "$c2" "$c3")
 echo "idle: $((b3 - b2)) bytes in $((r3 - r2)) rounds"
 
@@ -89,6 +100,7 @@ wait $bench
 grep -E "throughput|latency|errors" /tmp/rebalance-load.$$ | sed 's/^/during join: /'; rm -f /tmp/rebalance-load.$$
 share=$("$BIN/distributed-cache" members --addr "$c4" | awk -v a="$c4" '$1 == a {print}')
 echo "4th node holds $prev entries $((last_change - t0)) ms after it started (stable for 2 s after); members line: $share"
-until [ $(( $(entries "$c1") + $(entries "$c2") + $(entries "$c3") + $(entries "$c4") )) = $((3 * KEYS)) ]; do sleep 0.2; done
+dropped() { [ $(( $(entries "$c1") + $(entries "$c2") + $(entries "$c3") + $(entries "$c4") )) = $((3 * KEYS)) ]; }
+within 180 dropped
 echo "former replicas dropped theirs $(( $(date +%s%3N) - t0 )) ms after the start (transition window 20 s)"
 echo "== done, load $(cut -d' ' -f1-3 /proc/loadavg)"
