@@ -14,6 +14,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     future::Future,
+    net::{SocketAddr, ToSocketAddrs},
     pin::Pin,
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -72,12 +73,37 @@ async fn with_deadline<T>(
     .await
 }
 
+/// The socket address of `addr`. A peer named by host name (a compose service, say) is looked
+/// up on the executor's blocking thread: getaddrinfo may wait seconds on a resolver, and on the
+/// core it would stall every request the core serves meanwhile.
+async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(sockaddr) = addr.parse() {
+        return Ok(sockaddr);
+    }
+    let name = addr.to_string();
+    glommio::executor()
+        .spawn_blocking(move || {
+            // IPv4 first, as the node named `name` chose when it bound (config.rs).
+            let all: Vec<SocketAddr> = name.to_socket_addrs()?.collect();
+            all.iter()
+                .find(|a| a.is_ipv4())
+                .or_else(|| all.first())
+                .copied()
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no address for this name")
+                })
+        })
+        .await
+}
+
 impl PeerClients {
     async fn connect(addr: &str) -> Result<Sender, Status> {
         let dial = async {
-            let stream = glommio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+            let stream = match resolve(addr).await {
+                Ok(sockaddr) => glommio::net::TcpStream::connect(sockaddr).await,
+                Err(e) => Err(e.into()),
+            }
+            .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
             let _ = stream.set_nodelay(true);
             let (sender, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
                 .handshake::<_, Body>(GlommioIo::new(stream))

@@ -81,8 +81,17 @@ pub async fn wait_converged(nodes: &[&Node], addrs: &[String]) {
 }
 
 pub async fn cluster(n: usize, extra: &[(&str, &str)]) -> (Vec<Node>, Vec<String>) {
+    cluster_on_host(n, "127.0.0.1", extra).await
+}
+
+/// `n` converged nodes whose ADDR is `host`:port.
+pub async fn cluster_on_host(
+    n: usize,
+    host: &str,
+    extra: &[(&str, &str)],
+) -> (Vec<Node>, Vec<String>) {
     let addrs: Vec<String> = (0..n)
-        .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
+        .map(|_| format!("{host}:{}", free_cluster_port()))
         .collect();
     let mut nodes = Vec::new();
     for a in &addrs {
@@ -132,6 +141,29 @@ async fn set_through_one_node_get_through_another() {
             .unwrap()
             .into_inner();
         assert_eq!(value_of(&got), format!("v{i}"));
+    }
+}
+
+/// Nodes named by host name, as in a compose file: the cores' replica clients resolve the
+/// names (on the executor's blocking thread) to the address each node bound.
+#[tokio::test]
+async fn nodes_named_by_host_name_replicate() {
+    let (nodes, _) = cluster_on_host(3, "localhost", &[]).await;
+    let mut c1 = nodes[0].client().await.unwrap();
+    for i in 0..20 {
+        c1.set(set(&format!("named{i}"), "v")).await.unwrap();
+    }
+    // ALL needs an answer from every replica, so each node reached the others by name.
+    for node in &nodes {
+        let mut c = node.client().await.unwrap();
+        for i in 0..20 {
+            let got = c
+                .get(get(&format!("named{i}"), Consistency::All))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(value_of(&got), "v");
+        }
     }
 }
 
