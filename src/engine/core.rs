@@ -229,19 +229,41 @@ impl CoreEngine {
     }
 
     /// Key, version and flags of every live entry (tombstones included) in `buckets`.
-    pub fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
+    pub async fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
         let tick = self.tick(Instant::now());
         let mut out = Vec::new();
-        for shard in self.shards.borrow().iter() {
-            shard.for_each_in(buckets, tick, |e| {
+        self.scan_yielding(|shard, range| {
+            self.shards.borrow()[shard].for_each_in_slots(range, buckets, tick, |e| {
                 out.push(KeyVersion {
                     key: e.key().to_vec(),
                     version: e.version(),
                     flags: e.flags(),
                 })
-            });
-        }
+            })
+        })
+        .await;
         out
+    }
+
+    /// Runs `f` over every local shard's slots, SCAN_CHUNK_SLOTS at a time, yielding to the
+    /// core's other tasks between chunks: a scan of a large shard takes tens of milliseconds
+    /// (a random memory access per entry), and requests must not wait for all of it. The
+    /// shards are not borrowed across a yield, so writes land meanwhile; anti-entropy's next
+    /// round sees what a scan missed.
+    async fn scan_yielding(&self, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+        for shard in 0..self.nr_local_shards() {
+            let mut start = 0;
+            loop {
+                let len = self.shards.borrow()[shard].slot_count();
+                if start >= len {
+                    break;
+                }
+                let end = (start + SCAN_CHUNK_SLOTS).min(len);
+                f(shard, start..end);
+                start = end;
+                futures_lite::future::yield_now().await;
+            }
+        }
     }
 
     /// The live entries (tombstones included) for `keys` of this core's shards, with their
@@ -285,12 +307,13 @@ impl CoreEngine {
     }
 
     /// Removes every entry in `buckets`. Returns how many.
-    pub fn drop_buckets(&self, buckets: &BucketSet) -> usize {
-        self.shards
-            .borrow_mut()
-            .iter_mut()
-            .map(|s| s.drop_buckets(buckets))
-            .sum()
+    pub async fn drop_buckets(&self, buckets: &BucketSet) -> usize {
+        let mut dropped = 0;
+        self.scan_yielding(|shard, range| {
+            dropped += self.shards.borrow_mut()[shard].drop_buckets_in_slots(range, buckets);
+        })
+        .await;
+        dropped
     }
 
     pub fn panics(&self) -> u64 {
@@ -303,6 +326,9 @@ impl CoreEngine {
 }
 
 /// How often each core runs an active-expiry round.
+/// Slots an anti-entropy scan visits before it yields (about a millisecond of work).
+const SCAN_CHUNK_SLOTS: usize = 16_384;
+
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Slots examined per shard per round. A round that finds more than a quarter expired runs
 /// again at once (as Redis's active expiry does), so a mass expiry is reclaimed quickly while
@@ -313,6 +339,7 @@ pub const SWEEP_BUDGET: usize = 512;
 mod tests {
     use super::*;
     use crate::routing::{shard_of, ShardId};
+    use futures_lite::future::block_on;
 
     #[test]
     fn capacity_split_sums_to_total() {
@@ -346,7 +373,7 @@ mod tests {
             .collect();
         assert_eq!(engine.apply_all(entries.clone()), mine.len());
         assert_eq!(engine.apply_all(entries), 0, "same versions change nothing");
-        assert_eq!(engine.list(&BucketSet::all()).len(), mine.len());
+        assert_eq!(block_on(engine.list(&BucketSet::all())).len(), mine.len());
         let keys: Vec<_> = mine
             .iter()
             .map(|k| (shard_of(k.as_bytes(), 4), k.as_bytes().to_vec()))
@@ -357,8 +384,37 @@ mod tests {
         let leaves = engine.digests();
         assert_ne!(leaves.digests, vec![0; BUCKETS]);
         assert_eq!(leaves.counts.iter().sum::<u32>() as usize, mine.len());
-        assert_eq!(engine.drop_buckets(&BucketSet::all()), mine.len());
+        assert_eq!(block_on(engine.drop_buckets(&BucketSet::all())), mine.len());
         assert_eq!(engine.digests(), Leaves::default());
+    }
+
+    #[test]
+    fn scans_yield_between_chunks_and_miss_nothing() {
+        let engine = CoreEngine::new(0, 1, 1, 100_000, 7, Instant::now());
+        let n = SCAN_CHUNK_SLOTS * 2 + 100;
+        let entries = (0..n)
+            .map(|i| {
+                let key = format!("key-{i}").into_bytes();
+                let entry = ReplicaEntry {
+                    key,
+                    value: b"v".to_vec(),
+                    version: Version { hlc: 9, node: 1 },
+                    ttl_ms: 0,
+                    flags: 0,
+                };
+                (ShardId(0), entry)
+            })
+            .collect();
+        assert_eq!(engine.apply_all(entries), n);
+        let all = BucketSet::all();
+        let mut list = std::pin::pin!(engine.list(&all));
+        assert!(
+            block_on(futures_lite::future::poll_once(list.as_mut())).is_none(),
+            "a scan of {n} slots gives the core back before it ends"
+        );
+        assert_eq!(block_on(list).len(), n);
+        assert_eq!(block_on(engine.drop_buckets(&all)), n);
+        assert!(block_on(engine.list(&all)).is_empty());
     }
 
     fn req(key: &str, command: Command) -> Request {

@@ -450,8 +450,26 @@ impl Shard {
 
     /// Calls `f` with every live entry (tombstones included, expired ones not) whose bucket is
     /// in `buckets`, in slot order.
-    pub fn for_each_in(&self, buckets: &BucketSet, now: Tick, mut f: impl FnMut(&Entry)) {
-        for slot in &self.slots {
+    pub fn for_each_in(&self, buckets: &BucketSet, now: Tick, f: impl FnMut(&Entry)) {
+        self.for_each_in_slots(0..self.slots.len(), buckets, now, f);
+    }
+
+    /// Slots to scan; scans that must not hold the core for long go `slots` at a time
+    /// (`for_each_in_slots`, `drop_buckets_in_slots`).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// As `for_each_in`, over the slots of `range` only.
+    pub fn for_each_in_slots(
+        &self,
+        range: std::ops::Range<usize>,
+        buckets: &BucketSet,
+        now: Tick,
+        mut f: impl FnMut(&Entry),
+    ) {
+        let end = range.end.min(self.slots.len());
+        for slot in &self.slots[range.start.min(end)..end] {
             if let Some(e) = &slot.entry {
                 if !is_expired(e.expires_at(), now) && buckets.contains(bucket_of(e.key())) {
                     f(e);
@@ -471,8 +489,18 @@ impl Shard {
     /// Removes every entry whose bucket is in `buckets` (ranges this node no longer
     /// replicates). Returns how many were removed.
     pub fn drop_buckets(&mut self, buckets: &BucketSet) -> usize {
+        self.drop_buckets_in_slots(0..self.slots.len(), buckets)
+    }
+
+    /// As `drop_buckets`, over the slots of `range` only.
+    pub fn drop_buckets_in_slots(
+        &mut self,
+        range: std::ops::Range<usize>,
+        buckets: &BucketSet,
+    ) -> usize {
         let mut dropped = 0;
-        for s in 0..self.slots.len() as u32 {
+        let end = range.end.min(self.slots.len());
+        for s in range.start.min(end) as u32..end as u32 {
             let Some(e) = self.slots[s as usize].entry.as_ref() else {
                 continue;
             };

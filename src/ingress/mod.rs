@@ -318,14 +318,14 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
                 continue;
             }
             side::ControlMsg::Snapshot(reply_tx) => reply_tx,
-            // Anti-entropy and data movement: synchronous work on this core's shards. A list
-            // or drop scans the core's entries once; they come in bounded bucket sets.
+            // Anti-entropy and data movement on this core's shards. A list or drop scans the
+            // core's entries once, yielding to requests as it goes.
             side::ControlMsg::Digests(tx) => {
                 let _ = tx.send(ctx.engine.digests());
                 continue;
             }
             side::ControlMsg::List(buckets, tx) => {
-                let _ = tx.send(ctx.engine.list(&buckets));
+                let _ = tx.send(ctx.engine.list(&buckets).await);
                 continue;
             }
             side::ControlMsg::Fetch(keys, tx) => {
@@ -337,7 +337,7 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
                 continue;
             }
             side::ControlMsg::Drop(buckets, tx) => {
-                let _ = tx.send(ctx.engine.drop_buckets(&buckets));
+                let _ = tx.send(ctx.engine.drop_buckets(&buckets).await);
                 continue;
             }
         };
