@@ -325,10 +325,10 @@ impl CoreEngine {
     }
 }
 
-/// How often each core runs an active-expiry round.
 /// Slots an anti-entropy scan visits before it yields (about a millisecond of work).
 const SCAN_CHUNK_SLOTS: usize = 16_384;
 
+/// How often each core runs an active-expiry round.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Slots examined per shard per round. A round that finds more than a quarter expired runs
 /// again at once (as Redis's active expiry does), so a mass expiry is reclaimed quickly while
