@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of one shard, without any runtime: get (hit), set (overwrite),
-//! and set with eviction (a full shard, every insert evicts the LRU entry).
+//! and set with eviction (a full shard, every insert evicts an entry by CLOCK).
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use distributed_cache::engine::{hlc::Version, shard::Shard};

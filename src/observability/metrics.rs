@@ -313,7 +313,7 @@ impl Collector for SnapshotCollector {
         counter_family(
             &mut encoder,
             "cache_evictions",
-            "Entries evicted by LRU, by owning core.",
+            "Entries evicted (CLOCK, an LRU approximation) to stay within CAPACITY, by owning core.",
             &per_core(&|c| c.engine.evictions),
         )?;
         counter_family(
