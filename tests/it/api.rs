@@ -303,6 +303,42 @@ async fn capacity_holds_across_more_shards_than_cores() {
     );
 }
 
+#[tokio::test]
+async fn keys_in_use_survive_a_stream_of_new_keys() {
+    // 2 shards of 100 entries; 2,000 new keys push every one of them through eviction ten
+    // times over, while ten keys are read between every ten Sets.
+    let node = Node::start(&[("NUM_SHARDS", "2"), ("CAPACITY", "200")]).await;
+    let mut c = node.client().await.unwrap();
+    let get = |key: String| GetRequest {
+        key,
+        ..Default::default()
+    };
+    for h in 0..10 {
+        c.set(set_str(&format!("hot{h}"), "v")).await.unwrap();
+    }
+    for i in 0..2000 {
+        c.set(set_str(&format!("cold{i}"), "v")).await.unwrap();
+        if i % 10 == 9 {
+            for h in 0..10 {
+                c.get(get(format!("hot{h}")))
+                    .await
+                    .unwrap_or_else(|e| panic!("hot{h} evicted after {i} new keys: {e}"));
+            }
+        }
+    }
+    let mut cold_left = 0;
+    for i in 0..2000 {
+        match c.get(get(format!("cold{i}"))).await {
+            Ok(_) => cold_left += 1,
+            Err(e) => assert_eq!(e.code(), Code::NotFound),
+        }
+    }
+    assert!(
+        cold_left <= 190,
+        "capacity 200 holds the 10 hot keys: {cold_left} cold"
+    );
+}
+
 /// Sends one gRPC Set with a raw HTTP/2 client, so that nothing on the client side enforces
 /// the `grpc-timeout` it carries: the answer is the server's. Returns the grpc-status.
 async fn raw_set_with_timeout(addr: &str, key: &str, grpc_timeout: &str) -> String {
