@@ -1,5 +1,6 @@
-//! One cache entry in one heap allocation: header, key and value together, as memcached's
-//! items are. Runs on the owning core only.
+//! One cache entry in one allocation: header, key and value together, as memcached's items
+//! are, in a cell of its shard's [`Slab`] (malloc'd when larger than a cell). Runs on the owning
+//! core only.
 //!
 //! Layout (byte-packed, read unaligned):
 //!
@@ -7,11 +8,11 @@
 //! hlc u64 | node u32 | expires_at u32 | flags u8 | key_len varint | value_len varint | key | value
 //! ```
 //!
-//! Why so tight: a 16-byte key and 100-byte value make 135 bytes, which glibc serves from a
-//! 144-byte chunk; two more header bytes would push it to 160. Separately allocated key and
-//! value (two `Vec`s) would cost two chunks and 48 bytes of pointers per entry.
+//! Why so tight: a 16-byte key and 100-byte value make 135 bytes, a 144-byte cell; ten more
+//! header bytes would push it to 160. Separately allocated key and value (two `Vec`s) would cost
+//! two allocations and 48 bytes of pointers per entry.
 
-use super::hlc::Version;
+use super::{hlc::Version, slab::Slab};
 use std::{alloc::Layout, ptr::NonNull};
 
 const FIXED: usize = 8 + 4 + 4 + 1;
@@ -21,7 +22,8 @@ pub const FLAG_BINARY: u8 = 1;
 /// key, invisible to client reads.
 pub const FLAG_TOMBSTONE: u8 = 2;
 
-/// An owned entry. Thin (8 bytes) so the slot array stays compact.
+/// An owned entry. Thin (8 bytes) so the slot array stays compact. It has no `Drop`: its memory
+/// belongs to the shard's slab, so the shard frees it with [`Entry::free`].
 pub struct Entry(NonNull<u8>);
 
 // SAFETY: an Entry exclusively owns its allocation, like a Box<[u8]>.
@@ -72,13 +74,26 @@ pub fn entry_len(key_len: usize, value_len: usize) -> usize {
 }
 
 impl Entry {
-    pub fn new(key: &[u8], value: &[u8], version: Version, expires_at: u32, flags: u8) -> Entry {
+    pub fn new(
+        slab: &mut Slab,
+        key: &[u8],
+        value: &[u8],
+        version: Version,
+        expires_at: u32,
+        flags: u8,
+    ) -> Entry {
         let len = entry_len(key.len(), value.len());
-        let layout = Layout::from_size_align(len, 1).expect("entry length fits in isize");
-        // SAFETY: layout has non-zero size (FIXED > 0).
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(ptr) else {
-            std::alloc::handle_alloc_error(layout)
+        let ptr = match slab.alloc(len) {
+            Some(ptr) => ptr,
+            None => {
+                let layout = Layout::from_size_align(len, 1).expect("entry length fits in isize");
+                // SAFETY: layout has non-zero size (FIXED > 0).
+                let ptr = unsafe { std::alloc::alloc(layout) };
+                let Some(ptr) = NonNull::new(ptr) else {
+                    std::alloc::handle_alloc_error(layout)
+                };
+                ptr
+            }
         };
         // SAFETY: the allocation is `len` bytes and we write exactly `len` bytes into it.
         let buf = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) };
@@ -185,12 +200,18 @@ impl Entry {
     }
 }
 
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let layout =
-            Layout::from_size_align(self.alloc_len(), 1).expect("entry length fits in isize");
-        // SAFETY: allocated in `new` with this very layout.
-        unsafe { std::alloc::dealloc(self.0.as_ptr(), layout) };
+impl Entry {
+    /// Frees the entry into the slab it was made with (or back to malloc).
+    pub fn free(self, slab: &mut Slab) {
+        if slab.owns(self.0) {
+            // SAFETY: a cell of this slab, consumed here.
+            unsafe { slab.free(self.0) };
+        } else {
+            let layout =
+                Layout::from_size_align(self.alloc_len(), 1).expect("entry length fits in isize");
+            // SAFETY: malloc'd in `new` with this very layout.
+            unsafe { std::alloc::dealloc(self.0.as_ptr(), layout) };
+        }
     }
 }
 
@@ -200,22 +221,23 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn typical_entry_fits_a_144_byte_chunk() {
-        // glibc: chunk = (request + 8 + 15) & !15, so <= 136 bytes of request -> 144.
-        assert!(entry_len(16, 100) <= 136, "{}", entry_len(16, 100));
+    fn typical_entry_fits_a_144_byte_cell() {
+        assert_eq!(Slab::cell_size(entry_len(16, 100)), Some(144));
     }
 
     #[test]
     fn overwrite_in_place_keeps_contents_right() {
         let v1 = Version { hlc: 1, node: 1 };
         let v2 = Version { hlc: 2, node: 9 };
-        let mut e = Entry::new(b"k", b"abc", v1, 5, 0);
+        let mut slab = Slab::new(1);
+        let mut e = Entry::new(&mut slab, b"k", b"abc", v1, 5, 0);
         assert!(e.try_overwrite(b"k", b"xyz", v2, 7, FLAG_BINARY));
         assert_eq!(e.value(), b"xyz");
         assert_eq!(e.version(), v2);
         assert_eq!(e.expires_at(), 7);
         assert_eq!(e.flags(), FLAG_BINARY);
         assert!(!e.try_overwrite(b"k", b"longer", v2, 7, 0));
+        e.free(&mut slab);
     }
 
     proptest! {
@@ -224,13 +246,15 @@ mod tests {
                        value in proptest::collection::vec(any::<u8>(), 0..70_000),
                        hlc: u64, node: u32, exp: u32, flags: u8) {
             let v = Version { hlc, node };
-            let e = Entry::new(&key, &value, v, exp, flags);
+            let mut slab = Slab::new(1);
+            let e = Entry::new(&mut slab, &key, &value, v, exp, flags);
             prop_assert_eq!(e.key(), &key[..]);
             prop_assert_eq!(e.value(), &value[..]);
             prop_assert_eq!(e.version(), v);
             prop_assert_eq!(e.expires_at(), exp);
             prop_assert_eq!(e.flags(), flags);
             prop_assert_eq!(e.alloc_len(), entry_len(key.len(), value.len()));
+            e.free(&mut slab);
         }
     }
 }

@@ -2,8 +2,9 @@
 //! them, and what each core runs to serve the shards it owns.
 //!
 //! - [`command`]: the internal request and reply types (no prost types past ingress).
-//! - [`shard`]: one shard's map, LRU order and TTLs; synchronous, runtime-free, `now` passed in.
+//! - [`shard`]: one shard's map, eviction order and TTLs; synchronous, runtime-free, `now` passed in.
 //! - [`entry`]: the one-allocation entry layout the shard stores.
+//! - [`slab`]: the cells entries are allocated from, per shard.
 //! - [`hlc`]: hybrid logical clock versions.
 //! - [`core`]: a core's shards, clock and counters; executes commands, sweeps expired entries.
 
@@ -12,3 +13,4 @@ pub mod core;
 pub mod entry;
 pub mod hlc;
 pub mod shard;
+pub mod slab;

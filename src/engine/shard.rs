@@ -3,8 +3,9 @@
 //! by hand.
 //!
 //! Memory per entry, which the bench measures against Redis and memcached: the entry itself
-//! (one allocation, see [`super::entry`]), one 8-byte slot (its thin pointer), one reference
-//! bit, and the index's 4-byte slot number plus 1 control byte per bucket.
+//! (one cell of the shard's [`Slab`], see [`super::entry`]), one 8-byte slot (its thin
+//! pointer), one reference bit, and the index's 4-byte slot number plus 1 control byte per
+//! bucket.
 //!
 //! Eviction is CLOCK (second chance), the LRU approximation of operating systems' page caches,
 //! as Redis and memcached also approximate LRU rather than keep it exactly: a read or an
@@ -16,6 +17,7 @@
 use super::{
     entry::{Entry, FLAG_TOMBSTONE},
     hlc::Version,
+    slab::Slab,
 };
 use crate::cluster::ring::{bucket_of, bucket_of_position, key_position, BucketSet, BUCKETS};
 use hashbrown::HashTable;
@@ -143,6 +145,8 @@ pub struct Shard {
     digest: Box<[u64]>,
     /// Per ring bucket, the number of entries held: sizes anti-entropy's key-list batches.
     counts: Box<[u32]>,
+    /// Where the entries live. Every entry is freed into it before it goes (`Drop`).
+    slab: Slab,
 }
 
 impl Shard {
@@ -170,6 +174,7 @@ impl Shard {
             expirations: 0,
             digest: vec![0; BUCKETS].into_boxed_slice(),
             counts: vec![0; BUCKETS].into_boxed_slice(),
+            slab: Slab::new(capacity),
         }
     }
 
@@ -257,6 +262,7 @@ impl Shard {
         if let Some(entry) = self.slots[s as usize].take() {
             self.bytes -= entry.alloc_len();
             self.digest_account(entry.key(), entry.version(), entry.flags(), -1);
+            entry.free(&mut self.slab);
         }
         self.untouch(s);
         self.free.push(s);
@@ -342,9 +348,9 @@ impl Shard {
                 entry_digest_at(pos, entry.version(), entry.flags())
                     ^ entry_digest_at(pos, version, flags);
             if !entry.try_overwrite(key, value, version, expires_at, flags) {
-                let new = Entry::new(key, value, version, expires_at, flags);
+                let new = Entry::new(&mut self.slab, key, value, version, expires_at, flags);
                 self.bytes = self.bytes - entry.alloc_len() + new.alloc_len();
-                *entry = new;
+                std::mem::replace(entry, new).free(&mut self.slab);
             }
             self.touch(s);
             return;
@@ -352,7 +358,7 @@ impl Shard {
         if self.len >= self.capacity {
             self.evict();
         }
-        let entry = Entry::new(key, value, version, expires_at, flags);
+        let entry = Entry::new(&mut self.slab, key, value, version, expires_at, flags);
         self.bytes += entry.alloc_len();
         self.digest_account(key, version, flags, 1);
         let s = self.alloc_slot(entry);
@@ -500,6 +506,14 @@ impl Shard {
             }
         }
         dropped
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        for entry in self.slots.drain(..).flatten() {
+            entry.free(&mut self.slab);
+        }
     }
 }
 
