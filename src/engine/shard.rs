@@ -520,6 +520,7 @@ impl Drop for Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::entry::entry_len;
     use proptest::prelude::*;
     use std::collections::HashMap;
 
@@ -621,6 +622,27 @@ mod tests {
         for i in 900..1000 {
             assert!(get(&mut s, &format!("k{i}"), 0).is_some());
         }
+    }
+
+    #[test]
+    fn memory_follows_a_change_of_value_sizes() {
+        let mut s = Shard::new(10_000);
+        for i in 0..10_000u64 {
+            s.set(format!("k{i}").as_bytes(), &[1; 100], v(1), 0, 0);
+        }
+        let small = s.slab.pages_in_use();
+        for i in 0..10_000u64 {
+            s.set(format!("k{i}").as_bytes(), &[2; 300], v(2), 0, 0);
+        }
+        // Every page of the 100-byte class emptied and went back to serve the 300-byte one:
+        // what is held is what 10,000 entries of the new size need, not both sizes.
+        let large = s.slab.pages_in_use();
+        let needed = (10_000 * Slab::cell_size(entry_len(6, 300)).unwrap()).div_ceil(64 * 1024);
+        assert!(
+            large <= needed + 1,
+            "{large} pages for {needed} needed ({small} before)"
+        );
+        assert!(get(&mut s, "k42", 0).is_some_and(|v| v == [2; 300]));
     }
 
     #[test]
