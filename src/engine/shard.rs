@@ -445,19 +445,14 @@ impl Shard {
         (n, expired)
     }
 
-    /// Calls `f` with every live entry (tombstones included, expired ones not) whose bucket is
-    /// in `buckets`, in slot order.
-    pub fn for_each_in(&self, buckets: &BucketSet, now: Tick, f: impl FnMut(&Entry)) {
-        self.for_each_in_slots(0..self.slots.len(), buckets, now, f);
-    }
-
     /// Slots to scan; scans that must not hold the core for long go `slots` at a time
     /// (`for_each_in_slots`, `drop_buckets_in_slots`).
     pub fn slot_count(&self) -> usize {
         self.slots.len()
     }
 
-    /// As `for_each_in`, over the slots of `range` only.
+    /// Calls `f` with every live entry (tombstones included, expired ones not) in the slots of
+    /// `range` whose bucket is in `buckets`, in slot order.
     pub fn for_each_in_slots(
         &self,
         range: std::ops::Range<usize>,
@@ -481,13 +476,8 @@ impl Shard {
         (!is_expired(e.expires_at(), now)).then_some(e)
     }
 
-    /// Removes every entry whose bucket is in `buckets` (ranges this node no longer
-    /// replicates). Returns how many were removed.
-    pub fn drop_buckets(&mut self, buckets: &BucketSet) -> usize {
-        self.drop_buckets_in_slots(0..self.slots.len(), buckets)
-    }
-
-    /// As `drop_buckets`, over the slots of `range` only.
+    /// Removes every entry in the slots of `range` whose bucket is in `buckets` (ranges this
+    /// node no longer replicates). Returns how many were removed.
     pub fn drop_buckets_in_slots(
         &mut self,
         range: std::ops::Range<usize>,
@@ -506,6 +496,19 @@ impl Shard {
             }
         }
         dropped
+    }
+}
+
+#[cfg(test)]
+impl Shard {
+    /// `for_each_in_slots` over every slot.
+    fn for_each_in(&self, buckets: &BucketSet, now: Tick, f: impl FnMut(&Entry)) {
+        self.for_each_in_slots(0..self.slots.len(), buckets, now, f);
+    }
+
+    /// `drop_buckets_in_slots` over every slot.
+    fn drop_buckets(&mut self, buckets: &BucketSet) -> usize {
+        self.drop_buckets_in_slots(0..self.slots.len(), buckets)
     }
 }
 

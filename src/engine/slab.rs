@@ -249,6 +249,7 @@ impl Slab {
     }
 
     /// Pages holding cells now (what the slab costs in memory, in pages of 64 KiB).
+    #[cfg(test)]
     pub fn pages_in_use(&self) -> usize {
         self.used_pages as usize - self.pool.len() - (self.spare != NIL) as usize
     }
