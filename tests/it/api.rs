@@ -1,9 +1,25 @@
 //! The CacheService contract against a running node.
 
 use crate::support::{wait_until, Node};
-use distributed_cache::pb::{get_response, set_request, DeleteRequest, GetRequest, SetRequest};
+use distributed_cache::pb::{
+    cache_service_client::CacheServiceClient, get_response, set_request, DeleteRequest, GetRequest,
+    GetResponse, SetRequest,
+};
 use std::time::Duration;
+use tonic::transport::Channel;
 use tonic::Code;
+
+/// Get of `key` with the default consistency.
+async fn get_key(
+    c: &mut CacheServiceClient<Channel>,
+    key: impl Into<String>,
+) -> Result<tonic::Response<GetResponse>, tonic::Status> {
+    c.get(GetRequest {
+        key: key.into(),
+        ..Default::default()
+    })
+    .await
+}
 
 fn set_str(key: &str, value: &str) -> SetRequest {
     SetRequest {
@@ -25,14 +41,7 @@ async fn set_get_delete_round_trip() {
         .into_inner()
         .version
         .unwrap();
-    let got = c
-        .get(GetRequest {
-            key: "foo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_key(&mut c, "foo").await.unwrap().into_inner();
     assert_eq!(
         got.payload,
         Some(get_response::Payload::Value("bar".into()))
@@ -62,13 +71,7 @@ async fn set_get_delete_round_trip() {
         .into_inner()
         .deleted
     );
-    let err = c
-        .get(GetRequest {
-            key: "foo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = get_key(&mut c, "foo").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("foo"), "{}", err.message());
     assert!(
@@ -87,13 +90,7 @@ async fn set_get_delete_round_trip() {
 async fn missing_key_and_empty_key() {
     let node = Node::start(&[]).await;
     let mut c = node.client().await.unwrap();
-    let err = c
-        .get(GetRequest {
-            key: "never-set".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = get_key(&mut c, "never-set").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("never-set"));
     for status in [
@@ -129,14 +126,7 @@ async fn binary_values_are_returned_byte_for_byte() {
     })
     .await
     .unwrap();
-    let got = c
-        .get(GetRequest {
-            key: "bin".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_key(&mut c, "bin").await.unwrap().into_inner();
     assert_eq!(got.payload, Some(get_response::Payload::ValueBytes(value)));
     // Bytes that happen to be UTF-8 still come back in the form they were set in.
     c.set(SetRequest {
@@ -147,14 +137,7 @@ async fn binary_values_are_returned_byte_for_byte() {
     })
     .await
     .unwrap();
-    let got = c
-        .get(GetRequest {
-            key: "bin2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_key(&mut c, "bin2").await.unwrap().into_inner();
     assert_eq!(
         got.payload,
         Some(get_response::Payload::ValueBytes(b"plain".to_vec()))
@@ -339,14 +322,22 @@ async fn keys_in_use_survive_a_stream_of_new_keys() {
     );
 }
 
-/// Sends one gRPC Set with a raw HTTP/2 client, so that nothing on the client side enforces
-/// the `grpc-timeout` it carries: the answer is the server's. Returns the grpc-status.
-async fn raw_set_with_timeout(addr: &str, key: &str, grpc_timeout: &str) -> String {
-    use prost::Message;
-    let msg = set_str(key, "v").encode_to_vec();
+/// The gRPC framing of one uncompressed message.
+fn grpc_framed(msg: &[u8]) -> Vec<u8> {
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
+    framed.extend_from_slice(msg);
+    framed
+}
+
+/// Sends one gRPC call with a raw HTTP/2 client, its body in the given DATA frames, so that
+/// nothing on the client side shapes or checks what the server gets. Returns the grpc-status.
+async fn raw_call(
+    addr: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Vec<Vec<u8>>,
+) -> String {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -355,18 +346,69 @@ async fn raw_set_with_timeout(addr: &str, key: &str, grpc_timeout: &str) -> Stri
     .await
     .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{addr}/pb.CacheService/Set"))
+    let mut req = http::Request::post(format!("http://{addr}/pb.CacheService/{method}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", grpc_timeout)
-        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
+        .header("te", "trailers");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let frames = body.into_iter().map(|chunk| {
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(chunk)))
+    });
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();
     // An error answer is trailers-only: the status is in the headers.
-    resp.headers()
-        .get("grpc-status")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_else(|| "0".into())
+    if let Some(status) = resp.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_string();
+    }
+    let collected = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    let trailers = collected
+        .trailers()
+        .expect("a unary answer ends with trailers");
+    trailers["grpc-status"].to_str().unwrap().to_string()
+}
+
+async fn raw_set_with_timeout(addr: &str, key: &str, grpc_timeout: &str) -> String {
+    use prost::Message;
+    let framed = grpc_framed(&set_str(key, "v").encode_to_vec());
+    raw_call(addr, "Set", &[("grpc-timeout", grpc_timeout)], vec![framed]).await
+}
+
+#[tokio::test]
+async fn a_message_split_over_frames_is_served_and_bad_ones_refused() {
+    use prost::Message;
+    let node = Node::start(&[]).await;
+    let framed = grpc_framed(&set_str("split", "over many frames").encode_to_vec());
+    let bytes: Vec<Vec<u8>> = framed.iter().map(|&b| vec![b]).collect();
+    assert_eq!(raw_call(&node.addr, "Set", &[], bytes).await, "0");
+    let garbage = grpc_framed(&[0xff, 0xff, 0xff]);
+    assert_eq!(
+        raw_call(&node.addr, "Set", &[], vec![garbage]).await,
+        "3",
+        "INVALID_ARGUMENT"
+    );
+    assert_eq!(
+        raw_call(&node.addr, "Set", &[], vec![]).await,
+        "13",
+        "INTERNAL"
+    );
+    let mut compressed = framed.clone();
+    compressed[0] = 1;
+    assert_eq!(
+        raw_call(&node.addr, "Set", &[], vec![compressed]).await,
+        "12",
+        "UNIMPLEMENTED"
+    );
+    let gzip = [("grpc-encoding", "gzip")];
+    assert_eq!(raw_call(&node.addr, "Set", &gzip, vec![framed]).await, "12");
+    let mut c = node.client().await.unwrap();
+    let got = get_key(&mut c, "split").await.unwrap().into_inner();
+    assert_eq!(
+        got.payload,
+        Some(get_response::Payload::Value("over many frames".into()))
+    );
 }
 
 #[tokio::test]
@@ -379,21 +421,9 @@ async fn expired_deadline_is_refused_and_not_executed() {
         "DEADLINE_EXCEEDED"
     );
     let mut c = node.client().await.unwrap();
-    let err = c
-        .get(GetRequest {
-            key: "late".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = get_key(&mut c, "late").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "the late Set was not executed");
     // The same request with time to spare is executed.
     assert_eq!(raw_set_with_timeout(&node.addr, "timely", "5S").await, "0");
-    assert!(c
-        .get(GetRequest {
-            key: "timely".into(),
-            ..Default::default()
-        })
-        .await
-        .is_ok());
+    assert!(get_key(&mut c, "timely").await.is_ok());
 }
