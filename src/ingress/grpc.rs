@@ -117,8 +117,8 @@ where
     let mut gathered = bytes::BytesMut::new();
     let mut first: Option<bytes::Bytes> = None;
     let whole = loop {
-        let have = first.as_ref().map_or(gathered.len(), |b| b.len());
         let held = first.as_deref().unwrap_or(&gathered[..]);
+        let have = held.len();
         if have >= PREFIX {
             if held[0] != 0 {
                 return Err(Status::unimplemented(
@@ -503,6 +503,11 @@ mod tests {
         }
     }
 
+    /// One poll, with a waker nobody wakes: what a future does with what it already has.
+    fn poll_once<F: Future>(fut: F) -> Poll<F::Output> {
+        std::pin::pin!(fut).poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
     fn framed(msg: &impl prost::Message) -> Vec<u8> {
         let body = msg.encode_to_vec();
         let mut out = vec![0];
@@ -524,9 +529,8 @@ mod tests {
             chunks: chunks.into(),
             then_hang,
         };
-        let fut = read_message(http::Request::new(body), limit);
         // Every case below finishes without waiting on anything: a hang is a failure.
-        match std::pin::pin!(fut).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        match poll_once(read_message(http::Request::new(body), limit)) {
             Poll::Ready(r) => r,
             Poll::Pending => panic!("read_message waited for more than the test gave it"),
         }
@@ -554,8 +558,10 @@ mod tests {
             chunks: vec![framed(&set_request())].into(),
             then_hang: true,
         };
-        let fut = read_message::<pb::SetRequest, _>(http::Request::new(body), 1024);
-        let got = std::pin::pin!(fut).poll(&mut Context::from_waker(std::task::Waker::noop()));
+        let got = poll_once(read_message::<pb::SetRequest, _>(
+            http::Request::new(body),
+            1024,
+        ));
         assert!(got.is_pending(), "answered before the client's END_STREAM");
     }
 
@@ -591,8 +597,7 @@ mod tests {
                 then_hang: false,
             })
             .unwrap();
-        let fut = read_message::<pb::SetRequest, _>(req, 1024);
-        let got = std::pin::pin!(fut).poll(&mut Context::from_waker(std::task::Waker::noop()));
+        let got = poll_once(read_message::<pb::SetRequest, _>(req, 1024));
         let Poll::Ready(Err(status)) = got else {
             panic!("expected an error at once")
         };
