@@ -1,12 +1,15 @@
 //! Ingress: what each core runs. It joins the mesh, takes ownership of its shards, answers
 //! other cores' requests, and accepts gRPC connections on the shared ADDR (SO_REUSEPORT: the
-//! kernel spreads connections over the cores), serving HTTP/2 with hyper on the core itself.
+//! kernel spreads connections over the cores), serving HTTP/2 on the core itself.
 //!
-//! - [`grpc`]: the CacheService methods and routing to the owning core.
-//! - [`io`]: hyper <-> glommio adapters.
-//! - [`side`]: reflection and health on a side thread.
+//! - [`http2`]: the HTTP/2 server connection, and [`hpack`] its header decoding.
+//! - [`grpc`]: the CacheService and PeerService methods and routing to the owning core.
+//! - [`io`]: hyper <-> glommio adapters, for the node's HTTP/2 client to its peers.
+//! - [`side`]: reflection, health and Stats on a side thread.
 
 pub mod grpc;
+pub mod hpack;
+pub mod http2;
 pub mod io;
 pub mod side;
 
@@ -240,37 +243,48 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
     }
 }
 
+impl http2::Service for Rc<CoreCtx> {
+    fn call(
+        &self,
+        method: grpc::Method,
+        message: &[u8],
+        deadline: Instant,
+        start: Instant,
+    ) -> grpc::Call {
+        grpc::start(self, method, message, deadline, start)
+    }
+
+    fn forward(&self, req: http::Request<tonic::body::Body>) -> http2::Forwarded {
+        let side = self.side.clone();
+        Box::pin(async move { side.forward(req).await })
+    }
+
+    fn max_recv_msg_bytes(&self) -> usize {
+        self.max_recv_msg_bytes
+    }
+
+    fn rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
+    }
+}
+
 async fn serve_connection(
     ctx: Rc<CoreCtx>,
     stream: glommio::net::TcpStream,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     connections: Rc<Cell<usize>>,
 ) {
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = Rc::clone(&ctx);
-        async move { Ok::<_, std::convert::Infallible>(grpc::dispatch(ctx, req).await) }
-    });
-    // A second handle on the socket outlives hyper's, for the lingering close below.
+    // A second handle on the socket outlives the connection's, for the lingering close below.
     // SAFETY: dup returns a new descriptor that nothing else owns.
     let linger = match unsafe { libc::dup(stream.as_raw_fd()) } {
         -1 => None,
         fd => Some(unsafe { glommio::net::TcpStream::from_raw_fd(fd) }),
     };
-    // No `date` header: gRPC clients do not read it, and it costs a clock read and a header
-    // encode on every response.
-    let conn = hyper::server::conn::http2::Builder::new(io::LocalExec)
-        .auto_date_header(false)
-        .serve_connection(io::GlommioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    let finished = future::or(async { Some(conn.as_mut().await) }, async {
+    let shutdown = Box::pin(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
-        None
-    })
-    .await;
-    if finished.is_none() {
-        // GOAWAY: the client opens no new streams here; those in flight complete.
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+    });
+    let ended = http2::serve(ctx, stream, shutdown).await;
+    if ended == http2::Ended::GoneAway {
         if let Some(linger) = linger {
             lingering_close(linger).await;
         }

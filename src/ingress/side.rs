@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{body::Body, codegen::Service, Status};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-type Forwarded = (Request<Incoming>, oneshot::Sender<Response<Body>>);
+type Forwarded = (Request<Body>, oneshot::Sender<Response<Body>>);
 
 /// What the side thread asks of a core.
 pub enum ControlMsg {
@@ -60,7 +60,7 @@ pub struct SideHandle {
 
 impl SideHandle {
     /// Serves `req` on the side thread.
-    pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn forward(&self, req: Request<Body>) -> Response<Body> {
         let (reply_tx, reply_rx) = oneshot::channel();
         if self.tx.send((req, reply_tx)).is_err() {
             return Status::unavailable("node is shutting down").into_http();
@@ -522,8 +522,7 @@ impl SideThread {
                     while let Some((req, reply_tx)) = rx.recv().await {
                         let mut routes = routes.clone();
                         tokio::spawn(async move {
-                            let resp: Result<Response<Body>, Infallible> =
-                                routes.call(req.map(Body::new)).await;
+                            let resp: Result<Response<Body>, Infallible> = routes.call(req).await;
                             let resp = match resp {
                                 Ok(r) => r,
                                 Err(never) => match never {},

@@ -1,0 +1,1273 @@
+//! The node's HTTP/2 server: one task per connection on the core that accepted it.
+//!
+//! Why not hyper: under callgrind, hyper's HTTP/2 server was four fifths of the node's
+//! instructions per request (a connection task and a task per stream, each request's headers
+//! built into a `HeaderMap`, a body channel, frames queued and moved between buffers). A gRPC
+//! unary call needs far less: this connection parses the frames in its receive buffer, decodes
+//! the request message in place when it came in one DATA frame, starts the call, and encodes
+//! the reply (headers, message, trailers) straight into one write buffer that goes out in one
+//! send for everything answered in the same turn. Everything that is not one of our unary
+//! methods (reflection, health, Stats) is still served by tonic on the side thread: this
+//! connection forwards it as an `http::Request` and streams the response back.
+//!
+//! What it implements of RFC 9113: the preface and SETTINGS, HEADERS with CONTINUATION and
+//! padding, DATA, flow control both ways (our windows are replenished as data arrives; the
+//! peer's are respected for every DATA frame we send), RST_STREAM, PING, GOAWAY (ours for a
+//! graceful shutdown, and on a protocol error), and stream limits. No server push, no
+//! priorities (both optional). HPACK is ours both ways: see `hpack` for decoding; encoding
+//! only ever writes a handful of fixed fields.
+
+use super::grpc::{Answer, Call, Method, PREFIX};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::{
+    collections::hash_map::Entry,
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tonic::{body::Body, Status};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+/// The largest frame we accept: the protocol's default, which we never raise.
+const MAX_FRAME: usize = 16_384;
+/// Holds a whole frame of MAX_FRAME and then some, so a read never waits for room.
+const RECV_BUFFER: usize = 64 * 1024;
+/// Each stream's receive window. A unary message larger than this is still received: the
+/// window is replenished as it arrives, up to MAX_RECV_MSG_SIZE.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// The connection's receive window, shared by its streams.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Concurrent streams per connection, as many as hyper allowed by default.
+pub const MAX_STREAMS: usize = 200;
+/// Largest request header block, compressed or decoded (names, values, 32 bytes per field).
+const MAX_HEADER_LIST: usize = 64 * 1024;
+/// Output waiting for the socket beyond which no more requests are read.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Turns of the connection's loop before it yields to the core's other tasks.
+const BUDGET: usize = 16;
+/// The flow-control window's ceiling, 2^31 - 1.
+const MAX_WINDOW: i64 = (1 << 31) - 1;
+/// The protocol's default initial window.
+const DEFAULT_WINDOW: i64 = 65_535;
+
+mod frame {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const PRIORITY: u8 = 0x2;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PUSH_PROMISE: u8 = 0x5;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const PADDED: u8 = 0x8;
+    pub const PRIORITY_FLAG: u8 = 0x20;
+}
+
+/// Error codes (RFC 9113, section 7).
+mod code {
+    pub const NO_ERROR: u32 = 0x0;
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const INTERNAL_ERROR: u32 = 0x2;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const STREAM_CLOSED: u32 = 0x5;
+    pub const FRAME_SIZE_ERROR: u32 = 0x6;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
+/// What a connection asks of its core: our unary calls, and everything else.
+pub trait Service {
+    /// Starts a unary call on its request message (without the gRPC prefix).
+    fn call(&self, method: Method, message: &[u8], deadline: Instant, start: Instant) -> Call;
+    /// Serves any other request elsewhere (the side thread).
+    fn forward(&self, req: http::Request<Body>) -> Forwarded;
+    /// MAX_RECV_MSG_SIZE.
+    fn max_recv_msg_bytes(&self) -> usize;
+    /// RPC_TIMEOUT, the deadline of a request without `grpc-timeout`.
+    fn rpc_timeout(&self) -> Duration;
+}
+
+pub type Forwarded = Pin<Box<dyn Future<Output = http::Response<Body>>>>;
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed it, or it failed.
+    Closed,
+    /// We sent GOAWAY and every stream it let finish has: the caller closes without a reset.
+    GoneAway,
+}
+
+/// Serves one connection until the peer closes it, it fails, or `shutdown` resolves and the
+/// streams under way have been answered.
+pub async fn serve<S: Service>(
+    svc: S,
+    io: glommio::net::TcpStream,
+    shutdown: Pin<Box<dyn Future<Output = ()>>>,
+) -> Ended {
+    let mut conn = Connection {
+        proto: Proto::new(svc),
+        io,
+        shutdown: Some(shutdown),
+    };
+    std::future::poll_fn(|cx| conn.poll(cx)).await
+}
+
+struct Connection<S: Service> {
+    proto: Proto<S>,
+    io: glommio::net::TcpStream,
+    shutdown: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+impl<S: Service> Connection<S> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        use futures_lite::{AsyncRead, AsyncWrite};
+        for _ in 0..BUDGET {
+            let mut busy = false;
+            if let Some(shutdown) = &mut self.shutdown {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    self.shutdown = None;
+                    self.proto.go_away(code::NO_ERROR);
+                    busy = true;
+                }
+            }
+            let could_read = self.proto.wants_input();
+            if could_read {
+                match Pin::new(&mut self.io).poll_read(cx, self.proto.room()) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ended::Closed),
+                    Poll::Ready(Ok(n)) => {
+                        self.proto.received(n, Instant::now());
+                        busy = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            busy |= self.proto.poll_work(cx);
+            while !self.proto.output().is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, self.proto.output()) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ended::Closed),
+                    Poll::Ready(Ok(n)) => self.proto.sent(n),
+                    Poll::Pending => break,
+                }
+            }
+            if self.proto.output().is_empty() {
+                if let Some(ended) = self.proto.finished() {
+                    return Poll::Ready(ended);
+                }
+            }
+            // Output drained below the high-water mark: reading may go on.
+            busy |= !could_read && self.proto.wants_input();
+            if !busy {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// One stream's state.
+struct Stream {
+    recv: Recv,
+    /// Request bytes received on this stream since its window was last replenished.
+    recv_unacked: u32,
+    send_window: i64,
+    out: Out,
+    /// In `Proto::blocked`, waiting for window.
+    blocked: bool,
+}
+
+enum Recv {
+    /// One of our unary calls: its message so far (empty while it fits in one DATA frame).
+    Unary {
+        method: Method,
+        deadline: Instant,
+        start: Instant,
+        held: Vec<u8>,
+    },
+    /// A request the side thread serves: its body's sender.
+    Side(tokio::sync::mpsc::UnboundedSender<Bytes>),
+    /// END_STREAM received, or the request refused.
+    Closed,
+}
+
+enum Out {
+    /// Waiting for the call's answer.
+    Waiting,
+    /// Sending `data` as the windows allow, then `then`.
+    Sending { data: Bytes, then: Then },
+    /// The side thread's response body, polled for its next frame.
+    Body(Body),
+    /// END_STREAM sent.
+    Done,
+}
+
+enum Then {
+    OkTrailers,
+    Trailers(http::HeaderMap),
+    Body(Body),
+}
+
+/// The protocol state of a connection, apart from its socket: bytes in, bytes out.
+struct Proto<S: Service> {
+    svc: S,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    preface: bool,
+    decoder: super::hpack::Decoder,
+    encoder: Encoder,
+    streams: HashMap<u32, Stream, ahash::RandomState>,
+    /// The highest stream id the peer opened.
+    last_id: u32,
+    /// A header block waiting for its CONTINUATION frames: stream, HEADERS flags, block.
+    continuation: Option<(u32, u8, Vec<u8>)>,
+    conn_send_window: i64,
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    conn_recv_unacked: u32,
+    /// Streams with output waiting for window.
+    blocked: Vec<u32>,
+    /// Calls started since the last poll; polled once before they join `calls`, so that one
+    /// answered on this core at once costs no more than that poll.
+    fresh: Vec<(u32, Call)>,
+    calls: FuturesUnordered<Tagged<Call>>,
+    side_calls: FuturesUnordered<Tagged<Forwarded>>,
+    /// Streams whose response body is polled for more.
+    bodies: Vec<u32>,
+    /// GOAWAY sent: the last stream id it let through, and whether for an error.
+    going_away: Option<(u32, bool)>,
+}
+
+/// A future with the stream it answers.
+struct Tagged<F> {
+    id: u32,
+    fut: F,
+}
+
+impl<F: Future + Unpin> Future for Tagged<F> {
+    type Output = (u32, F::Output);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let id = self.id;
+        Pin::new(&mut self.fut).poll(cx).map(|out| (id, out))
+    }
+}
+
+/// What a request's header block says.
+#[derive(Default)]
+struct Head {
+    /// `:method`; None for POST, the only one our methods take.
+    verb: Option<http::Method>,
+    /// `:path` when it is one of our methods: the path itself is then not kept.
+    method: Option<Method>,
+    path: Option<Vec<u8>>,
+    authority: Option<Vec<u8>>,
+    timeout: Option<Duration>,
+    encoding: Option<Vec<u8>>,
+    /// Every regular field, kept only for requests forwarded to the side thread.
+    fields: Option<http::HeaderMap>,
+    /// Bytes of the decoded list, as MAX_HEADER_LIST counts them.
+    size: usize,
+    malformed: bool,
+}
+
+impl Head {
+    /// Served on this core.
+    fn ours(&self) -> Option<Method> {
+        self.method.filter(|_| self.verb.is_none())
+    }
+}
+
+impl<S: Service> Proto<S> {
+    fn new(svc: S) -> Self {
+        Self {
+            svc,
+            rbuf: vec![0; RECV_BUFFER],
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(16 * 1024),
+            wpos: 0,
+            preface: false,
+            decoder: super::hpack::Decoder::new(4096),
+            encoder: Encoder::default(),
+            streams: HashMap::default(),
+            last_id: 0,
+            continuation: None,
+            conn_send_window: DEFAULT_WINDOW,
+            peer_initial_window: DEFAULT_WINDOW,
+            peer_max_frame: MAX_FRAME,
+            conn_recv_unacked: 0,
+            blocked: Vec::new(),
+            fresh: Vec::new(),
+            calls: FuturesUnordered::new(),
+            side_calls: FuturesUnordered::new(),
+            bodies: Vec::new(),
+            going_away: None,
+        }
+    }
+
+    fn wants_input(&self) -> bool {
+        !matches!(self.going_away, Some((_, true)))
+            && self.wbuf.len() - self.wpos < WRITE_HIGH_WATER
+    }
+
+    /// Free space to read into.
+    fn room(&mut self) -> &mut [u8] {
+        if self.rend == self.rbuf.len() {
+            // Only part of a frame is left (parsing took every whole one): move it to the front.
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        &mut self.rbuf[self.rend..]
+    }
+
+    fn output(&self) -> &[u8] {
+        &self.wbuf[self.wpos..]
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.wpos += n;
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+    }
+
+    /// Some once nothing is left to do but close.
+    fn finished(&self) -> Option<Ended> {
+        match self.going_away {
+            Some((_, true)) => Some(Ended::Closed),
+            Some((_, false)) if self.streams.is_empty() => Some(Ended::GoneAway),
+            _ => None,
+        }
+    }
+
+    /// `n` more bytes arrived in `room()`.
+    fn received(&mut self, n: usize, now: Instant) {
+        self.rend += n;
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let mut pos = self.rstart;
+        if !self.preface {
+            if self.rend - pos < PREFACE.len() {
+                self.rbuf = rbuf;
+                return;
+            }
+            if &rbuf[pos..pos + PREFACE.len()] != PREFACE {
+                self.rbuf = rbuf;
+                self.go_away(code::PROTOCOL_ERROR);
+                return;
+            }
+            pos += PREFACE.len();
+            self.preface = true;
+            self.greet();
+        }
+        while !matches!(self.going_away, Some((_, true))) && self.rend - pos >= FRAME_HEADER {
+            let h = &rbuf[pos..pos + FRAME_HEADER];
+            let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+            let (kind, flags) = (h[3], h[4]);
+            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            if len > MAX_FRAME {
+                self.go_away(code::FRAME_SIZE_ERROR);
+                break;
+            }
+            if self.rend - pos < FRAME_HEADER + len {
+                break;
+            }
+            let payload = &rbuf[pos + FRAME_HEADER..pos + FRAME_HEADER + len];
+            pos += FRAME_HEADER + len;
+            self.frame(kind, flags, id, payload, now);
+        }
+        self.rbuf = rbuf;
+        self.rstart = pos;
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+    }
+
+    /// Our SETTINGS, and the connection window raised from the protocol's 64 KiB.
+    fn greet(&mut self) {
+        let settings: [(u16, u32); 3] = [
+            (0x3, MAX_STREAMS as u32),     // MAX_CONCURRENT_STREAMS
+            (0x4, STREAM_WINDOW),          // INITIAL_WINDOW_SIZE
+            (0x6, MAX_HEADER_LIST as u32), // MAX_HEADER_LIST_SIZE
+        ];
+        put_frame_header(&mut self.wbuf, settings.len() * 6, frame::SETTINGS, 0, 0);
+        for (id, value) in settings {
+            self.wbuf.extend_from_slice(&id.to_be_bytes());
+            self.wbuf.extend_from_slice(&value.to_be_bytes());
+        }
+        put_window_update(&mut self.wbuf, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, id: u32, payload: &[u8], now: Instant) {
+        if let Some((cid, _, _)) = &self.continuation {
+            if kind != frame::CONTINUATION || id != *cid {
+                return self.go_away(code::PROTOCOL_ERROR);
+            }
+        }
+        match kind {
+            frame::DATA => self.data(flags, id, payload),
+            frame::HEADERS => self.headers(flags, id, payload, now),
+            frame::CONTINUATION => {
+                let Some((sid, hflags, mut block)) = self.continuation.take() else {
+                    return self.go_away(code::PROTOCOL_ERROR);
+                };
+                if block.len() + payload.len() > MAX_HEADER_LIST {
+                    return self.go_away(code::ENHANCE_YOUR_CALM);
+                }
+                block.extend_from_slice(payload);
+                if flags & frame::END_HEADERS != 0 {
+                    self.header_block(hflags, sid, &block, now);
+                } else {
+                    self.continuation = Some((sid, hflags, block));
+                }
+            }
+            frame::PRIORITY => {}
+            frame::RST_STREAM => {
+                if id == 0 || payload.len() != 4 {
+                    return self.go_away(code::PROTOCOL_ERROR);
+                }
+                self.streams.remove(&id);
+            }
+            frame::SETTINGS => self.settings(flags, id, payload),
+            frame::PUSH_PROMISE => self.go_away(code::PROTOCOL_ERROR),
+            frame::PING => {
+                if id != 0 || payload.len() != 8 {
+                    return self.go_away(code::FRAME_SIZE_ERROR);
+                }
+                if flags & frame::ACK == 0 {
+                    put_frame_header(&mut self.wbuf, 8, frame::PING, frame::ACK, 0);
+                    self.wbuf.extend_from_slice(payload);
+                }
+            }
+            // The peer opens no more streams; those under way finish and it closes.
+            frame::GOAWAY => {}
+            frame::WINDOW_UPDATE => self.peer_window_update(id, payload),
+            _ => {} // unknown frame types are ignored (RFC 9113, 4.1)
+        }
+    }
+
+    fn data(&mut self, flags: u8, id: u32, payload: &[u8]) {
+        if id == 0 {
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        // The whole frame counts against the connection window, padding included.
+        self.conn_recv_unacked += payload.len() as u32;
+        if self.conn_recv_unacked >= CONNECTION_WINDOW / 2 {
+            let n = std::mem::take(&mut self.conn_recv_unacked);
+            put_window_update(&mut self.wbuf, 0, n);
+        }
+        let Some(data) = unpad(flags, payload) else {
+            return self.go_away(code::PROTOCOL_ERROR);
+        };
+        let end = flags & frame::END_STREAM != 0;
+        let Some(stream) = self.streams.get_mut(&id) else {
+            if id > self.last_id {
+                self.go_away(code::PROTOCOL_ERROR);
+            }
+            // Else a stream already answered or reset: frames the peer sent before it knew.
+            return;
+        };
+        stream.recv_unacked += payload.len() as u32;
+        if !end && stream.recv_unacked >= STREAM_WINDOW / 2 {
+            let n = std::mem::take(&mut stream.recv_unacked);
+            put_window_update(&mut self.wbuf, id, n);
+        }
+        let limit = self.svc.max_recv_msg_bytes();
+        match &mut stream.recv {
+            Recv::Unary { held, .. } if !end => {
+                held.extend_from_slice(data);
+                if let Err(status) = message_of(held, limit, false) {
+                    self.refuse(id, status, false);
+                }
+            }
+            Recv::Unary { .. } => {
+                let Recv::Unary {
+                    method,
+                    deadline,
+                    start,
+                    mut held,
+                } = std::mem::replace(&mut stream.recv, Recv::Closed)
+                else {
+                    unreachable!("matched above")
+                };
+                // The usual case: the whole message in one frame, decoded where it lies.
+                let whole = if held.is_empty() {
+                    data
+                } else {
+                    held.extend_from_slice(data);
+                    &held
+                };
+                match message_of(whole, limit, true) {
+                    Ok(message) => {
+                        let call = self.svc.call(method, message, deadline, start);
+                        self.fresh.push((id, call));
+                    }
+                    Err(status) => self.write_status(id, status),
+                }
+            }
+            Recv::Side(tx) => {
+                if !data.is_empty() {
+                    // The side thread may be gone (shutting down): its response says so.
+                    let _ = tx.send(Bytes::copy_from_slice(data));
+                }
+                if end {
+                    stream.recv = Recv::Closed;
+                    self.close_if_done(id);
+                }
+            }
+            Recv::Closed => {
+                self.streams.remove(&id);
+                self.reset(id, code::STREAM_CLOSED);
+            }
+        }
+    }
+
+    fn headers(&mut self, flags: u8, id: u32, payload: &[u8], now: Instant) {
+        if id == 0 || id % 2 == 0 {
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        let Some(mut block) = unpad(flags, payload) else {
+            return self.go_away(code::PROTOCOL_ERROR);
+        };
+        if flags & frame::PRIORITY_FLAG != 0 {
+            if block.len() < 5 {
+                return self.go_away(code::PROTOCOL_ERROR);
+            }
+            block = &block[5..];
+        }
+        if flags & frame::END_HEADERS == 0 {
+            self.continuation = Some((id, flags, block.to_vec()));
+            return;
+        }
+        self.header_block(flags, id, block, now);
+    }
+
+    fn header_block(&mut self, flags: u8, id: u32, block: &[u8], now: Instant) {
+        let end = flags & frame::END_STREAM != 0;
+        let mut head = Head::default();
+        let mut regular = false;
+        let decoded = self.decoder.decode(block, |name, value| {
+            head.size += name.len() + value.len() + 32;
+            if head.size > MAX_HEADER_LIST {
+                return;
+            }
+            if name.first() == Some(&b':') {
+                head.malformed |= regular;
+                match name {
+                    b":method" if value != b"POST" => match http::Method::from_bytes(value) {
+                        Ok(verb) => head.verb = Some(verb),
+                        Err(_) => head.malformed = true,
+                    },
+                    b":path" => match Method::of_path(value) {
+                        Some(m) => head.method = Some(m),
+                        None => head.path = Some(value.to_vec()),
+                    },
+                    b":authority" => head.authority = Some(value.to_vec()),
+                    _ => {}
+                }
+                return;
+            }
+            regular = true;
+            match name {
+                b"grpc-timeout" => head.timeout = super::grpc::parse_grpc_timeout(value),
+                b"grpc-encoding" => head.encoding = Some(value.to_vec()),
+                _ => {}
+            }
+            if head.ours().is_none() {
+                match (
+                    http::HeaderName::from_bytes(name),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    (Ok(n), Ok(v)) => {
+                        head.fields
+                            .get_or_insert_with(http::HeaderMap::new)
+                            .append(n, v);
+                    }
+                    _ => head.malformed = true,
+                }
+            }
+        });
+        if decoded.is_err() {
+            return self.go_away(code::COMPRESSION_ERROR);
+        }
+        if id <= self.last_id {
+            // Trailers of a request under way: they end its body and carry nothing we read.
+            if !self.streams.contains_key(&id) {
+                return;
+            }
+            if !end {
+                self.streams.remove(&id);
+                return self.reset(id, code::PROTOCOL_ERROR);
+            }
+            return self.data(frame::END_STREAM, id, &[]);
+        }
+        self.last_id = id;
+        if self.going_away.is_some() {
+            return; // opened after our GOAWAY: never served, the client may retry it
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            return self.reset(id, code::REFUSED_STREAM);
+        }
+        if head.malformed || (head.method.is_none() && head.path.is_none()) {
+            return self.reset(id, code::PROTOCOL_ERROR);
+        }
+        let recv = match head.ours() {
+            Some(method) => Recv::Unary {
+                method,
+                deadline: now + head.timeout.unwrap_or_else(|| self.svc.rpc_timeout()),
+                start: now,
+                held: Vec::new(),
+            },
+            None => Recv::Closed, // forward() opens it
+        };
+        self.streams.insert(
+            id,
+            Stream {
+                recv,
+                recv_unacked: 0,
+                send_window: self.peer_initial_window,
+                out: Out::Waiting,
+                blocked: false,
+            },
+        );
+        if head.size > MAX_HEADER_LIST {
+            let status =
+                Status::resource_exhausted(format!("request headers over {MAX_HEADER_LIST} bytes"));
+            return self.refuse(id, status, end);
+        }
+        if head.ours().is_none() {
+            return self.forward(id, head, end);
+        }
+        if let Some(enc) = head.encoding.filter(|e| e != b"identity") {
+            let enc = String::from_utf8_lossy(&enc);
+            let status =
+                Status::unimplemented(format!("message compression {enc:?} is not supported"));
+            return self.refuse(id, status, end);
+        }
+        if end {
+            self.data(frame::END_STREAM, id, &[]);
+        }
+    }
+
+    fn forward(&mut self, id: u32, head: Head, end: bool) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let path = match (head.path, head.method) {
+            (Some(path), _) => path,
+            (None, Some(method)) => method.path().as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        let uri = match head.authority {
+            Some(authority) => http::Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path)
+                .build(),
+            None => http::Uri::try_from(path).map_err(http::Error::from),
+        };
+        let Ok(uri) = uri else {
+            self.streams.remove(&id);
+            return self.reset(id, code::PROTOCOL_ERROR);
+        };
+        let mut req = http::Request::new(Body::new(RequestBody(rx)));
+        *req.method_mut() = head.verb.unwrap_or(http::Method::POST);
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_2;
+        if let Some(fields) = head.fields {
+            *req.headers_mut() = fields;
+        }
+        let stream = self.streams.get_mut(&id).expect("inserted by the caller");
+        if !end {
+            stream.recv = Recv::Side(tx);
+        }
+        self.side_calls.push(Tagged {
+            id,
+            fut: self.svc.forward(req),
+        });
+    }
+
+    /// Answers `id` with `status` before its request is complete (`end` false) and tells
+    /// the peer to send no more of it.
+    fn refuse(&mut self, id: u32, status: Status, end: bool) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.recv = Recv::Closed;
+        }
+        self.write_status(id, status);
+        if !end {
+            self.reset(id, code::NO_ERROR);
+        }
+    }
+
+    fn settings(&mut self, flags: u8, id: u32, payload: &[u8]) {
+        if id != 0 {
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        if flags & frame::ACK != 0 {
+            if !payload.is_empty() {
+                self.go_away(code::FRAME_SIZE_ERROR);
+            }
+            return;
+        }
+        if payload.len() % 6 != 0 {
+            return self.go_away(code::FRAME_SIZE_ERROR);
+        }
+        for setting in payload.chunks_exact(6) {
+            let key = u16::from_be_bytes([setting[0], setting[1]]);
+            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+            match key {
+                0x1 => self.encoder.table_size(value as usize),
+                0x4 => {
+                    if value as i64 > MAX_WINDOW {
+                        return self.go_away(code::FLOW_CONTROL_ERROR);
+                    }
+                    let delta = value as i64 - self.peer_initial_window;
+                    self.peer_initial_window = value as i64;
+                    for stream in self.streams.values_mut() {
+                        stream.send_window += delta;
+                    }
+                    if delta > 0 {
+                        self.unblock_all();
+                    }
+                }
+                0x5 => {
+                    if !(16_384..=16_777_215).contains(&value) {
+                        return self.go_away(code::PROTOCOL_ERROR);
+                    }
+                    self.peer_max_frame = value as usize;
+                }
+                _ => {}
+            }
+        }
+        put_frame_header(&mut self.wbuf, 0, frame::SETTINGS, frame::ACK, 0);
+    }
+
+    fn peer_window_update(&mut self, id: u32, payload: &[u8]) {
+        if payload.len() != 4 {
+            return self.go_away(code::FRAME_SIZE_ERROR);
+        }
+        let inc =
+            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+        if id == 0 {
+            if inc == 0 {
+                return self.go_away(code::PROTOCOL_ERROR);
+            }
+            self.conn_send_window += inc as i64;
+            if self.conn_send_window > MAX_WINDOW {
+                return self.go_away(code::FLOW_CONTROL_ERROR);
+            }
+            return self.unblock_all();
+        }
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        stream.send_window += inc as i64;
+        if inc == 0 || stream.send_window > MAX_WINDOW {
+            self.streams.remove(&id);
+            let code = if inc == 0 {
+                code::PROTOCOL_ERROR
+            } else {
+                code::FLOW_CONTROL_ERROR
+            };
+            return self.reset(id, code);
+        }
+        self.push(id);
+    }
+
+    fn unblock_all(&mut self) {
+        for id in std::mem::take(&mut self.blocked) {
+            if let Some(stream) = self.streams.get_mut(&id) {
+                stream.blocked = false;
+                self.push(id);
+            }
+        }
+    }
+
+    /// Polls what is under way: new and pending calls, forwarded requests, response bodies.
+    /// True if anything happened.
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut busy = false;
+        for (id, mut call) in std::mem::take(&mut self.fresh) {
+            match call.as_mut().poll(cx) {
+                Poll::Ready(answer) => self.answer(id, answer),
+                Poll::Pending => self.calls.push(Tagged { id, fut: call }),
+            }
+            busy = true;
+        }
+        while let Poll::Ready(Some((id, answer))) = self.calls.poll_next_unpin(cx) {
+            self.answer(id, answer);
+            busy = true;
+        }
+        while let Poll::Ready(Some((id, resp))) = self.side_calls.poll_next_unpin(cx) {
+            self.respond(id, resp);
+            busy = true;
+        }
+        let mut i = 0;
+        while i < self.bodies.len() && self.wbuf.len() - self.wpos < WRITE_HIGH_WATER {
+            let id = self.bodies[i];
+            match self.poll_body(id, cx) {
+                Poll::Pending => i += 1,
+                Poll::Ready(()) => {
+                    self.bodies.swap_remove(i);
+                    busy = true;
+                }
+            }
+        }
+        busy
+    }
+
+    fn answer(&mut self, id: u32, answer: Result<Answer, Status>) {
+        if !self.streams.contains_key(&id) {
+            return; // reset by the peer meanwhile
+        }
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(status) => return self.write_status(id, status),
+        };
+        self.encoder
+            .response_head(&mut self.wbuf, id, http::StatusCode::OK, None, false);
+        let len = answer.framed_len();
+        let stream = self.streams.get_mut(&id).expect("checked above");
+        if len as i64 <= self.conn_send_window.min(stream.send_window) && len <= self.peer_max_frame
+        {
+            // The usual case: the reply goes straight into the write buffer.
+            self.conn_send_window -= len as i64;
+            stream.send_window -= len as i64;
+            put_frame_header(&mut self.wbuf, len, frame::DATA, 0, id);
+            answer.encode_framed(&mut self.wbuf);
+            self.write_ok_trailers(id);
+            return;
+        }
+        let mut data = Vec::with_capacity(len);
+        answer.encode_framed(&mut data);
+        stream.out = Out::Sending {
+            data: data.into(),
+            then: Then::OkTrailers,
+        };
+        self.push(id);
+    }
+
+    fn respond(&mut self, id: u32, resp: http::Response<Body>) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let (parts, body) = resp.into_parts();
+        let end = http_body::Body::is_end_stream(&body);
+        self.encoder
+            .response_head(&mut self.wbuf, id, parts.status, Some(&parts.headers), end);
+        if end {
+            stream.out = Out::Done;
+            self.close_if_done(id);
+        } else {
+            stream.out = Out::Body(body);
+            self.bodies.push(id);
+        }
+    }
+
+    /// Ready once the body is done with (ended, failed, or its stream gone); Pending while
+    /// it waits for the body or for window.
+    fn poll_body(&mut self, id: u32, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(stream) = self.streams.get_mut(&id) else {
+                return Poll::Ready(());
+            };
+            let Out::Body(body) = &mut stream.out else {
+                return Poll::Pending; // a frame of it waits for window: push() puts it back
+            };
+            let frame = match http_body::Body::poll_frame(Pin::new(body), cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    stream.out = Out::Done;
+                    put_frame_header(&mut self.wbuf, 0, frame::DATA, frame::END_STREAM, id);
+                    self.close_if_done(id);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    self.streams.remove(&id);
+                    self.reset(id, code::INTERNAL_ERROR);
+                    return Poll::Ready(());
+                }
+            };
+            let Out::Body(body) = std::mem::replace(&mut stream.out, Out::Done) else {
+                unreachable!("matched above")
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    stream.out = Out::Sending {
+                        data,
+                        then: Then::Body(body),
+                    };
+                    self.push(id);
+                }
+                Err(frame) => {
+                    stream.out = Out::Sending {
+                        data: Bytes::new(),
+                        then: Then::Trailers(frame.into_trailers().unwrap_or_default()),
+                    };
+                    self.push(id);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+
+    /// Sends what stream `id` has to send, as far as the windows allow.
+    fn push(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Out::Sending { data, .. } = &mut stream.out else {
+            return;
+        };
+        while !data.is_empty() {
+            let n = data
+                .len()
+                .min(self.peer_max_frame)
+                .min(self.conn_send_window.max(0) as usize)
+                .min(stream.send_window.max(0) as usize);
+            if n == 0 {
+                if !stream.blocked {
+                    stream.blocked = true;
+                    self.blocked.push(id);
+                }
+                return;
+            }
+            put_frame_header(&mut self.wbuf, n, frame::DATA, 0, id);
+            self.wbuf.extend_from_slice(&data[..n]);
+            bytes::Buf::advance(data, n);
+            self.conn_send_window -= n as i64;
+            stream.send_window -= n as i64;
+        }
+        let Out::Sending { then, .. } = std::mem::replace(&mut stream.out, Out::Done) else {
+            unreachable!("matched above")
+        };
+        match then {
+            Then::OkTrailers => self.write_ok_trailers(id),
+            Then::Trailers(trailers) => {
+                self.encoder.trailers(&mut self.wbuf, id, &trailers);
+                self.close_if_done(id);
+            }
+            Then::Body(body) => stream.out = Out::Body(body),
+        }
+    }
+
+    fn write_ok_trailers(&mut self, id: u32) {
+        self.encoder.ok_trailers(&mut self.wbuf, id);
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.out = Out::Done;
+        }
+        self.close_if_done(id);
+    }
+
+    /// A trailers-only response: the status in the one HEADERS frame, which ends the stream.
+    fn write_status(&mut self, id: u32, status: Status) {
+        let mut fields = http::HeaderMap::with_capacity(3);
+        fields.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        if status.add_header(&mut fields).is_err() {
+            fields.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        self.encoder.response_head(
+            &mut self.wbuf,
+            id,
+            http::StatusCode::OK,
+            Some(&fields),
+            true,
+        );
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.out = Out::Done;
+        }
+        self.close_if_done(id);
+    }
+
+    fn close_if_done(&mut self, id: u32) {
+        if let Entry::Occupied(e) = self.streams.entry(id) {
+            if matches!(e.get().recv, Recv::Closed) && matches!(e.get().out, Out::Done) {
+                e.remove();
+            }
+        }
+    }
+
+    fn reset(&mut self, id: u32, error: u32) {
+        put_reset(&mut self.wbuf, id, error);
+    }
+
+    /// GOAWAY: for a graceful shutdown (NO_ERROR) the streams already opened finish; after
+    /// an error the connection closes once the frame is written.
+    fn go_away(&mut self, error: u32) {
+        let failed = error != code::NO_ERROR;
+        match self.going_away {
+            Some((_, true)) => return,
+            Some((_, false)) if !failed => return,
+            _ => {}
+        }
+        self.going_away = Some((self.last_id, failed));
+        put_frame_header(&mut self.wbuf, 8, frame::GOAWAY, 0, 0);
+        self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
+        self.wbuf.extend_from_slice(&error.to_be_bytes());
+        if failed {
+            tracing::debug!(error, "HTTP/2 connection error: closing");
+        }
+    }
+}
+
+/// The message of a unary request from what arrived of its body: Ok(None) while more may come
+/// (`end` false), the message once whole. An oversized or compressed one is refused as soon
+/// as its prefix is in.
+fn message_of(held: &[u8], limit: usize, end: bool) -> Result<&[u8], Status> {
+    if held.len() >= PREFIX {
+        if held[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed messages are not supported",
+            ));
+        }
+        let len = u32::from_be_bytes([held[1], held[2], held[3], held[4]]) as usize;
+        if len > limit {
+            return Err(Status::resource_exhausted(format!(
+                "request message of {len} bytes is over the limit of {limit} bytes"
+            )));
+        }
+        if held.len() >= PREFIX + len {
+            return Ok(&held[PREFIX..PREFIX + len]);
+        }
+    }
+    match (end, held.is_empty()) {
+        (false, _) => Ok(&[]),
+        (true, true) => Err(Status::internal("missing request message")),
+        (true, false) => Err(Status::internal("request body ended inside a message")),
+    }
+}
+
+/// A frame's payload without its padding; None if the padding does not fit.
+fn unpad(flags: u8, payload: &[u8]) -> Option<&[u8]> {
+    if flags & frame::PADDED == 0 {
+        return Some(payload);
+    }
+    let (&pad, rest) = payload.split_first()?;
+    rest.len().checked_sub(pad as usize).map(|n| &rest[..n])
+}
+
+fn frame_header(len: usize, kind: u8, flags: u8, id: u32) -> [u8; FRAME_HEADER] {
+    let id = id.to_be_bytes();
+    [
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        kind,
+        flags,
+        id[0],
+        id[1],
+        id[2],
+        id[3],
+    ]
+}
+
+fn put_frame_header(buf: &mut Vec<u8>, len: usize, kind: u8, flags: u8, id: u32) {
+    buf.extend_from_slice(&frame_header(len, kind, flags, id));
+}
+
+fn put_reset(buf: &mut Vec<u8>, id: u32, error: u32) {
+    put_frame_header(buf, 4, frame::RST_STREAM, 0, id);
+    buf.extend_from_slice(&error.to_be_bytes());
+}
+
+fn put_window_update(buf: &mut Vec<u8>, id: u32, n: u32) {
+    put_frame_header(buf, 4, frame::WINDOW_UPDATE, 0, id);
+    buf.extend_from_slice(&n.to_be_bytes());
+}
+
+/// The body of a request forwarded to the side thread, fed by the connection.
+struct RequestBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|data| data.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// HPACK encoding of our responses (RFC 7541). Nothing is Huffman coded. The two fields every
+/// reply carries, `content-type: application/grpc` and `grpc-status: 0`, go into the peer's
+/// dynamic table the first time and are one byte each after that; everything else is a
+/// literal the peer does not index. Both entries (104 bytes of table) stay in the table for
+/// the connection's life, as nothing else is ever added.
+struct Encoder {
+    /// What we added to the peer's table, oldest first.
+    added: Vec<&'static (&'static [u8], &'static [u8])>,
+    /// False once the peer's table is too small to hold both entries.
+    indexing: bool,
+    /// The table size we last told the peer's decoder (4096, the default, until a change).
+    max: usize,
+    /// A size update owed at the start of the next header block.
+    size_update: Option<usize>,
+}
+
+static CONTENT_TYPE: (&[u8], &[u8]) = (b"content-type", b"application/grpc");
+static STATUS_OK: (&[u8], &[u8]) = (b"grpc-status", b"0");
+/// Bytes both entries take in the peer's table (RFC 7541, 4.1: name, value, 32).
+const ADDED_SIZE: usize = 12 + 16 + 32 + 11 + 1 + 32;
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self {
+            added: Vec::with_capacity(2),
+            indexing: true,
+            max: 4096,
+            size_update: None,
+        }
+    }
+}
+
+impl Encoder {
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE.
+    fn table_size(&mut self, size: usize) {
+        if size >= self.max {
+            return;
+        }
+        self.max = size;
+        self.size_update = Some(size);
+        if size < ADDED_SIZE {
+            self.added.clear();
+            self.indexing = false;
+        }
+    }
+
+    fn begin(&mut self, buf: &mut Vec<u8>) {
+        if let Some(size) = self.size_update.take() {
+            put_int(buf, 5, 0x20, size);
+        }
+    }
+
+    fn field(&mut self, buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        let known = [&CONTENT_TYPE, &STATUS_OK]
+            .into_iter()
+            .find(|e| e.0 == name && e.1 == value);
+        if let Some(known) = known {
+            if let Some(pos) = self.added.iter().position(|e| std::ptr::eq(*e, known)) {
+                // Index 62 is the newest dynamic entry.
+                put_int(buf, 7, 0x80, 62 + self.added.len() - 1 - pos);
+                return;
+            }
+            if self.indexing {
+                buf.push(0x40); // literal with incremental indexing, new name
+                put_str(buf, name);
+                put_str(buf, value);
+                self.added.push(known);
+                return;
+            }
+        }
+        buf.push(0x00); // literal without indexing, new name
+        put_str(buf, name);
+        put_str(buf, value);
+    }
+
+    /// A HEADERS frame with `:status` and `fields` (`content-type: application/grpc` alone
+    /// when None).
+    fn response_head(
+        &mut self,
+        buf: &mut Vec<u8>,
+        id: u32,
+        status: http::StatusCode,
+        fields: Option<&http::HeaderMap>,
+        end: bool,
+    ) {
+        let at = self.open(buf);
+        if status == http::StatusCode::OK {
+            buf.push(0x88); // static table 8, ":status: 200"
+        } else {
+            put_int(buf, 4, 0x00, 8); // literal, name ":status" from the static table
+            put_str(buf, status.as_str().as_bytes());
+        }
+        match fields {
+            None => self.field(buf, CONTENT_TYPE.0, CONTENT_TYPE.1),
+            Some(fields) => {
+                for (name, value) in fields {
+                    self.field(buf, name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+        }
+        let flags = if end { frame::END_STREAM } else { 0 };
+        close(buf, at, id, flags);
+    }
+
+    fn ok_trailers(&mut self, buf: &mut Vec<u8>, id: u32) {
+        let at = self.open(buf);
+        self.field(buf, STATUS_OK.0, STATUS_OK.1);
+        close(buf, at, id, frame::END_STREAM);
+    }
+
+    fn trailers(&mut self, buf: &mut Vec<u8>, id: u32, fields: &http::HeaderMap) {
+        let at = self.open(buf);
+        for (name, value) in fields {
+            self.field(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
+        close(buf, at, id, frame::END_STREAM);
+    }
+
+    /// Starts a HEADERS frame whose length is filled in by `close`.
+    fn open(&mut self, buf: &mut Vec<u8>) -> usize {
+        let at = buf.len();
+        buf.extend_from_slice(&[0; FRAME_HEADER]);
+        self.begin(buf);
+        at
+    }
+}
+
+/// Fills in the header of the HEADERS frame begun at `at`. Our header blocks are a few fields
+/// (a status message at most a few KiB): one frame holds them.
+fn close(buf: &mut [u8], at: usize, id: u32, flags: u8) {
+    let len = buf.len() - at - FRAME_HEADER;
+    buf[at..at + FRAME_HEADER].copy_from_slice(&frame_header(
+        len,
+        frame::HEADERS,
+        flags | frame::END_HEADERS,
+        id,
+    ));
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541, 5.1).
+pub(super) fn put_int(buf: &mut Vec<u8>, n: u8, flags: u8, value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        buf.push(flags | value as u8);
+        return;
+    }
+    buf.push(flags | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        buf.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    buf.push(rest as u8);
+}
+
+/// An HPACK string literal, not Huffman coded.
+fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
+    put_int(buf, 7, 0x00, s.len());
+    buf.extend_from_slice(s);
+}
