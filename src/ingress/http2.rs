@@ -84,6 +84,8 @@ mod code {
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const COMPRESSION_ERROR: u32 = 0x9;
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+    #[cfg(test)]
+    pub const CANCEL_FOR_TESTS: u32 = 0x8;
 }
 
 /// What a connection asks of its core: our unary calls, and everything else.
@@ -1270,4 +1272,542 @@ pub(super) fn put_int(buf: &mut Vec<u8>, n: u8, flags: u8, value: usize) {
 fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
     put_int(buf, 7, 0x00, s.len());
     buf.extend_from_slice(s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb;
+    use std::{cell::RefCell, rc::Rc, task::Waker};
+
+    /// Our calls answer a Get whose value is as long as the request message says (or wait,
+    /// when told to); forwarded requests are recorded and answered with a two-chunk body and
+    /// trailers.
+    #[derive(Clone, Default)]
+    struct Fake {
+        value_len: Rc<RefCell<usize>>,
+        hold: Rc<RefCell<Option<Vec<tokio::sync::oneshot::Sender<()>>>>>,
+        forwarded: Rc<RefCell<Vec<http::Request<Body>>>>,
+    }
+
+    impl Service for Fake {
+        fn call(&self, _: Method, message: &[u8], _: Instant, _: Instant) -> Call {
+            let answer = Answer::Get(pb::GetResponse {
+                payload: Some(pb::get_response::Payload::ValueBytes(vec![
+                    7;
+                    *self
+                        .value_len
+                        .borrow()
+                ])),
+                version: None,
+            });
+            let key_len = message.len();
+            match self.hold.borrow_mut().as_mut() {
+                Some(senders) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    senders.push(tx);
+                    Box::pin(async move {
+                        let _ = rx.await;
+                        Ok(answer)
+                    })
+                }
+                None if key_len == 0 => {
+                    Box::pin(std::future::ready(Err(Status::invalid_argument("empty"))))
+                }
+                None => Box::pin(std::future::ready(Ok(answer))),
+            }
+        }
+
+        fn forward(&self, req: http::Request<Body>) -> Forwarded {
+            self.forwarded.borrow_mut().push(req);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let chunks = vec![
+                Ok(http_body::Frame::data(Bytes::from_static(b"first"))),
+                Ok(http_body::Frame::data(Bytes::from_static(b"second"))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c: Result<_, std::convert::Infallible>| c),
+            ));
+            let mut resp = http::Response::new(Body::new(body));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Box::pin(std::future::ready(resp))
+        }
+
+        fn max_recv_msg_bytes(&self) -> usize {
+            1000
+        }
+
+        fn rpc_timeout(&self) -> Duration {
+            Duration::from_secs(5)
+        }
+    }
+
+    /// A frame we sent, its header block decoded when it has one.
+    #[derive(Debug)]
+    struct Sent {
+        kind: u8,
+        flags: u8,
+        id: u32,
+        payload: Vec<u8>,
+        fields: Vec<(String, String)>,
+    }
+
+    struct Peer {
+        proto: Proto<Fake>,
+        fake: Fake,
+        encoder: loona_hpack::Encoder<'static>,
+        decoder: loona_hpack::Decoder<'static>,
+    }
+
+    impl Peer {
+        /// A connection past the preface and the SETTINGS exchange.
+        fn new() -> Self {
+            Self::with_settings(&[])
+        }
+
+        fn with_settings(settings: &[(u16, u32)]) -> Self {
+            let fake = Fake::default();
+            *fake.value_len.borrow_mut() = 10;
+            let mut peer = Peer {
+                proto: Proto::new(fake.clone()),
+                fake,
+                encoder: loona_hpack::Encoder::new(),
+                decoder: loona_hpack::Decoder::new(),
+            };
+            let mut bytes = PREFACE.to_vec();
+            let mut payload = vec![];
+            for (k, v) in settings {
+                payload.extend_from_slice(&k.to_be_bytes());
+                payload.extend_from_slice(&v.to_be_bytes());
+            }
+            put_frame_header(&mut bytes, payload.len(), frame::SETTINGS, 0, 0);
+            bytes.extend_from_slice(&payload);
+            peer.feed(&bytes);
+            let sent = peer.sent();
+            let kinds: Vec<_> = sent.iter().map(|f| (f.kind, f.flags)).collect();
+            assert_eq!(
+                kinds,
+                [
+                    (frame::SETTINGS, 0),
+                    (frame::WINDOW_UPDATE, 0),
+                    (frame::SETTINGS, frame::ACK)
+                ]
+            );
+            peer
+        }
+
+        fn feed(&mut self, mut bytes: &[u8]) {
+            while !bytes.is_empty() {
+                let room = self.proto.room();
+                let n = room.len().min(bytes.len());
+                room[..n].copy_from_slice(&bytes[..n]);
+                self.proto.received(n, Instant::now());
+                bytes = &bytes[n..];
+            }
+            self.proto
+                .poll_work(&mut Context::from_waker(Waker::noop()));
+        }
+
+        fn sent(&mut self) -> Vec<Sent> {
+            self.proto
+                .poll_work(&mut Context::from_waker(Waker::noop()));
+            let out = self.proto.output().to_vec();
+            self.proto.sent(out.len());
+            let mut frames = vec![];
+            let mut rest = &out[..];
+            while !rest.is_empty() {
+                let len = (rest[0] as usize) << 16 | (rest[1] as usize) << 8 | rest[2] as usize;
+                let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
+                let payload = rest[FRAME_HEADER..FRAME_HEADER + len].to_vec();
+                let fields = if rest[3] == frame::HEADERS {
+                    let fields = self.decoder.decode(&payload).expect("our HPACK decodes");
+                    fields
+                        .into_iter()
+                        .map(|(n, v)| {
+                            (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap())
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                };
+                frames.push(Sent {
+                    kind: rest[3],
+                    flags: rest[4],
+                    id,
+                    payload,
+                    fields,
+                });
+                rest = &rest[FRAME_HEADER + len..];
+            }
+            frames
+        }
+
+        fn headers(&mut self, id: u32, path: &str, flags: u8) -> Vec<u8> {
+            let block = self.encoder.encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":scheme", b"http"),
+                (b":path", path.as_bytes()),
+                (b":authority", b"localhost"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", b"4999998u"),
+            ]);
+            let mut bytes = vec![];
+            put_frame_header(&mut bytes, block.len(), frame::HEADERS, flags, id);
+            bytes.extend_from_slice(&block);
+            bytes
+        }
+
+        /// A whole unary request: HEADERS, then DATA with the framed message and END_STREAM.
+        fn request(&mut self, id: u32, message: &[u8]) -> Vec<u8> {
+            let mut bytes = self.headers(id, "/pb.CacheService/Get", frame::END_HEADERS);
+            let data = framed(message);
+            put_frame_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
+            bytes.extend_from_slice(&data);
+            bytes
+        }
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut data = vec![0];
+        data.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        data.extend_from_slice(message);
+        data
+    }
+
+    fn field<'a>(f: &'a Sent, name: &str) -> Option<&'a str> {
+        f.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn get_reply(value_len: usize) -> Vec<u8> {
+        let mut buf = vec![];
+        Answer::Get(pb::GetResponse {
+            payload: Some(pb::get_response::Payload::ValueBytes(vec![7; value_len])),
+            version: None,
+        })
+        .encode_framed(&mut buf);
+        buf
+    }
+
+    /// The frames of a successful unary answer on `id`.
+    fn assert_answered(frames: &[Sent], id: u32, value_len: usize) {
+        let mine: Vec<_> = frames.iter().filter(|f| f.id == id).collect();
+        assert_eq!(mine.len(), 3, "{frames:?}");
+        assert_eq!(mine[0].kind, frame::HEADERS);
+        assert_eq!(field(mine[0], ":status"), Some("200"));
+        assert_eq!(field(mine[0], "content-type"), Some("application/grpc"));
+        assert_eq!((mine[1].kind, mine[1].flags), (frame::DATA, 0));
+        assert_eq!(mine[1].payload, get_reply(value_len));
+        assert_eq!(mine[2].kind, frame::HEADERS);
+        assert_eq!(mine[2].flags, frame::END_HEADERS | frame::END_STREAM);
+        assert_eq!(mine[2].fields, [("grpc-status".into(), "0".into())]);
+    }
+
+    #[test]
+    fn unary_calls_are_answered_and_the_second_answer_uses_the_peers_table() {
+        let mut peer = Peer::new();
+        let req = peer.request(1, b"key");
+        peer.feed(&req);
+        let first = peer.sent();
+        assert_answered(&first, 1, 10);
+        let req = peer.request(3, b"key");
+        peer.feed(&req);
+        let second = peer.sent();
+        assert_answered(&second, 3, 10);
+        // Indexed from the peer's dynamic table: one byte per field after the first time.
+        assert_eq!(second[0].payload, [0x88, 0xbf], ":status 200, content-type");
+        assert_eq!(second[2].payload, [0xbe], "grpc-status: 0");
+        assert!(peer.proto.streams.is_empty(), "both streams closed");
+    }
+
+    #[test]
+    fn a_request_split_over_continuation_padding_and_many_data_frames_is_served() {
+        let mut peer = Peer::new();
+        let whole = peer.headers(1, "/pb.CacheService/Get", 0);
+        let block = &whole[FRAME_HEADER..];
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut bytes = vec![];
+        // HEADERS, padded, without END_HEADERS; then CONTINUATION.
+        put_frame_header(
+            &mut bytes,
+            1 + a.len() + 3,
+            frame::HEADERS,
+            frame::PADDED,
+            1,
+        );
+        bytes.push(3);
+        bytes.extend_from_slice(a);
+        bytes.extend_from_slice(&[0, 0, 0]);
+        put_frame_header(
+            &mut bytes,
+            b.len(),
+            frame::CONTINUATION,
+            frame::END_HEADERS,
+            1,
+        );
+        bytes.extend_from_slice(b);
+        // The message one byte per DATA frame, every other one padded.
+        let data = framed(b"some-key");
+        for (i, byte) in data.iter().enumerate() {
+            if i % 2 == 0 {
+                put_frame_header(&mut bytes, 3, frame::DATA, frame::PADDED, 1);
+                bytes.extend_from_slice(&[1, *byte, 0]);
+            } else {
+                put_frame_header(&mut bytes, 1, frame::DATA, 0, 1);
+                bytes.push(*byte);
+            }
+        }
+        put_frame_header(&mut bytes, 0, frame::DATA, frame::END_STREAM, 1);
+        // Arriving one byte at a time, too.
+        for b in &bytes {
+            peer.feed(std::slice::from_ref(b));
+        }
+        assert_answered(&peer.sent(), 1, 10);
+    }
+
+    #[test]
+    fn the_answer_waits_for_end_stream_and_bad_messages_get_their_status() {
+        let mut peer = Peer::new();
+        let mut bytes = peer.headers(1, "/pb.CacheService/Get", frame::END_HEADERS);
+        let data = framed(b"key");
+        put_frame_header(&mut bytes, data.len(), frame::DATA, 0, 1);
+        bytes.extend_from_slice(&data);
+        peer.feed(&bytes);
+        assert!(peer.sent().is_empty(), "answered before END_STREAM");
+
+        let status_of = |peer: &mut Peer, id: u32, data: &[u8]| {
+            let mut bytes = peer.headers(id, "/pb.CacheService/Get", frame::END_HEADERS);
+            put_frame_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
+            bytes.extend_from_slice(data);
+            peer.feed(&bytes);
+            let sent = peer.sent();
+            assert_eq!(sent[0].flags, frame::END_HEADERS | frame::END_STREAM);
+            field(&sent[0], "grpc-status").unwrap().to_string()
+        };
+        assert_eq!(status_of(&mut peer, 3, &[]), "13", "no message: INTERNAL");
+        assert_eq!(
+            status_of(&mut peer, 5, &[0, 0, 0, 0, 9, 1]),
+            "13",
+            "cut short"
+        );
+        assert_eq!(
+            status_of(&mut peer, 7, &[1, 0, 0, 0, 0]),
+            "12",
+            "compressed"
+        );
+        assert_eq!(
+            status_of(&mut peer, 9, &framed(b"")),
+            "3",
+            "the call's own error"
+        );
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_from_its_prefix_alone() {
+        let mut peer = Peer::new();
+        let mut bytes = peer.headers(1, "/pb.CacheService/Get", frame::END_HEADERS);
+        put_frame_header(&mut bytes, 5, frame::DATA, 0, 1);
+        bytes.extend_from_slice(&[0, 0, 0, 0x03, 0xe9]); // 1001 bytes, the limit is 1000
+        peer.feed(&bytes);
+        let sent = peer.sent();
+        assert_eq!(
+            field(&sent[0], "grpc-status"),
+            Some("8"),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(sent[0].flags, frame::END_HEADERS | frame::END_STREAM);
+        assert_eq!(
+            (sent[1].kind, &sent[1].payload[..]),
+            (frame::RST_STREAM, &[0, 0, 0, 0][..])
+        );
+        // What the client sent before it saw the reset is dropped quietly.
+        let mut more = vec![];
+        put_frame_header(&mut more, 3, frame::DATA, frame::END_STREAM, 1);
+        more.extend_from_slice(b"abc");
+        peer.feed(&more);
+        assert!(peer.sent().is_empty());
+    }
+
+    #[test]
+    fn replies_respect_the_peers_windows_and_frame_size() {
+        // A stream window of 100 bytes; a 100,000-byte reply; frames of at most 16,384.
+        let mut peer = Peer::with_settings(&[(0x4, 100)]);
+        *peer.fake.value_len.borrow_mut() = 100_000;
+        let req = peer.request(1, b"key");
+        peer.feed(&req);
+        let sent = peer.sent();
+        let data: usize = sent
+            .iter()
+            .filter(|f| f.kind == frame::DATA)
+            .map(|f| f.payload.len())
+            .sum();
+        assert_eq!(data, 100, "{sent:?}");
+        let mut update = vec![];
+        put_frame_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 1);
+        update.extend_from_slice(&1_000_000u32.to_be_bytes());
+        peer.feed(&update);
+        // The connection window (65,535) stops it next.
+        let sent = peer.sent();
+        let sizes: Vec<_> = sent
+            .iter()
+            .filter(|f| f.kind == frame::DATA)
+            .map(|f| f.payload.len())
+            .collect();
+        assert!(sizes.iter().all(|&n| n <= MAX_FRAME), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 65_535 - 100);
+        assert!(
+            sent.iter().all(|f| f.kind == frame::DATA),
+            "no trailers yet"
+        );
+        let mut update = vec![];
+        put_frame_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 0);
+        update.extend_from_slice(&1_000_000u32.to_be_bytes());
+        peer.feed(&update);
+        let sent = peer.sent();
+        let last = sent.last().unwrap();
+        assert_eq!(field(last, "grpc-status"), Some("0"));
+        let total = 65_535
+            + sent
+                .iter()
+                .filter(|f| f.kind == frame::DATA)
+                .map(|f| f.payload.len())
+                .sum::<usize>();
+        assert_eq!(total, get_reply(100_000).len());
+    }
+
+    #[test]
+    fn ping_settings_and_unknown_frames() {
+        let mut peer = Peer::new();
+        let mut bytes = vec![];
+        put_frame_header(&mut bytes, 8, frame::PING, 0, 0);
+        bytes.extend_from_slice(b"12345678");
+        put_frame_header(&mut bytes, 3, 0xee, 0, 0); // unknown type: ignored
+        bytes.extend_from_slice(b"xyz");
+        put_frame_header(&mut bytes, 0, frame::SETTINGS, frame::ACK, 0);
+        peer.feed(&bytes);
+        let sent = peer.sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!((sent[0].kind, sent[0].flags), (frame::PING, frame::ACK));
+        assert_eq!(sent[0].payload, b"12345678");
+    }
+
+    #[test]
+    fn protocol_errors_end_the_connection_with_goaway() {
+        for bad in [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            [PREFACE, &[0, 0, 1, frame::SETTINGS, 0, 0, 0, 0, 0, 9]].concat(), // length not x6
+            [PREFACE, &[0, 0x40, 1, frame::DATA, 0, 0, 0, 0, 1]].concat(),     // over MAX_FRAME
+        ] {
+            let mut proto = Proto::new(Fake::default());
+            let room = proto.room();
+            room[..bad.len()].copy_from_slice(&bad);
+            proto.received(bad.len(), Instant::now());
+            assert_eq!(proto.finished(), Some(Ended::Closed));
+            assert!(!proto.wants_input());
+            let out = proto.output();
+            let goaway = out.len() - FRAME_HEADER - 8;
+            assert_eq!(out[goaway + 3], frame::GOAWAY, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn a_graceful_goaway_lets_open_streams_finish_and_refuses_new_ones() {
+        let mut peer = Peer::new();
+        *peer.fake.hold.borrow_mut() = Some(vec![]);
+        let req = peer.request(1, b"key");
+        peer.feed(&req);
+        assert!(peer.sent().is_empty());
+        peer.proto.go_away(code::NO_ERROR);
+        let sent = peer.sent();
+        assert_eq!(sent[0].kind, frame::GOAWAY);
+        assert_eq!(sent[0].payload[..4], 1u32.to_be_bytes(), "last stream id 1");
+        let req = peer.request(3, b"key");
+        peer.feed(&req);
+        assert!(peer.sent().is_empty(), "stream 3 is not served");
+        assert_eq!(peer.proto.finished(), None, "stream 1 is under way");
+        for tx in peer.fake.hold.borrow_mut().take().unwrap() {
+            tx.send(()).unwrap();
+        }
+        assert_answered(&peer.sent(), 1, 10);
+        assert_eq!(peer.proto.finished(), Some(Ended::GoneAway));
+    }
+
+    #[test]
+    fn a_reset_stream_is_never_answered_and_streams_are_limited() {
+        let mut peer = Peer::new();
+        *peer.fake.hold.borrow_mut() = Some(vec![]);
+        for i in 0..MAX_STREAMS as u32 {
+            let req = peer.request(2 * i + 1, b"key");
+            peer.feed(&req);
+        }
+        assert!(peer.sent().is_empty());
+        let over = 2 * MAX_STREAMS as u32 + 1;
+        let req = peer.request(over, b"key");
+        peer.feed(&req);
+        let sent = peer.sent();
+        assert_eq!((sent[0].kind, sent[0].id), (frame::RST_STREAM, over));
+        assert_eq!(sent[0].payload, code::REFUSED_STREAM.to_be_bytes());
+        let mut rst = vec![];
+        put_frame_header(&mut rst, 4, frame::RST_STREAM, 0, 1);
+        rst.extend_from_slice(&code::CANCEL_FOR_TESTS.to_be_bytes());
+        peer.feed(&rst);
+        for tx in peer.fake.hold.borrow_mut().take().unwrap() {
+            tx.send(()).unwrap();
+        }
+        let sent = peer.sent();
+        assert!(sent.iter().all(|f| f.id != 1), "stream 1 was reset");
+        assert_eq!(
+            sent.iter().filter(|f| f.kind == frame::DATA).count(),
+            MAX_STREAMS - 1
+        );
+        assert!(peer.proto.streams.is_empty());
+    }
+
+    #[test]
+    fn other_requests_are_forwarded_and_their_bodies_streamed_back() {
+        let mut peer = Peer::new();
+        let mut bytes = peer.headers(1, "/grpc.health.v1.Health/Check", frame::END_HEADERS);
+        put_frame_header(&mut bytes, 4, frame::DATA, 0, 1);
+        bytes.extend_from_slice(b"abcd");
+        put_frame_header(&mut bytes, 2, frame::DATA, frame::END_STREAM, 1);
+        bytes.extend_from_slice(b"ef");
+        peer.feed(&bytes);
+        let sent = peer.sent();
+        let kinds: Vec<_> = sent.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [frame::HEADERS, frame::DATA, frame::DATA, frame::HEADERS]
+        );
+        assert_eq!(sent[1].payload, b"first");
+        assert_eq!(sent[2].payload, b"second");
+        assert_eq!(field(&sent[3], "grpc-status"), Some("0"));
+        assert_eq!(sent[3].flags, frame::END_HEADERS | frame::END_STREAM);
+
+        let req = peer.fake.forwarded.borrow_mut().pop().unwrap();
+        assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+        assert_eq!(req.uri().authority().unwrap().as_str(), "localhost");
+        assert_eq!(req.method(), http::Method::POST);
+        assert_eq!(req.headers()["te"], "trailers");
+        assert_eq!(req.headers()["grpc-timeout"], "4999998u");
+        let mut body = req.into_body();
+        let mut got = vec![];
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Poll::Ready(Some(Ok(frame))) =
+            http_body::Body::poll_frame(Pin::new(&mut body), &mut cx)
+        {
+            got.extend_from_slice(&frame.into_data().unwrap());
+        }
+        assert_eq!(got, b"abcdef");
+        assert!(peer.proto.streams.is_empty());
+    }
 }
