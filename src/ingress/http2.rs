@@ -1074,9 +1074,9 @@ impl<S: Service> Proto<S> {
     }
 }
 
-/// The message of a unary request from what arrived of its body: Ok(None) while more may come
-/// (`end` false), the message once whole. An oversized or compressed one is refused as soon
-/// as its prefix is in.
+/// The message of a unary request from what arrived of its body: the message once whole, an
+/// empty slice while more may come (`end` false). An oversized or compressed one is refused
+/// as soon as its prefix is in.
 fn message_of(held: &[u8], limit: usize, end: bool) -> Result<&[u8], Status> {
     if held.len() >= PREFIX {
         if held[0] != 0 {
