@@ -8,7 +8,7 @@
 //! - [`routing`]: key -> shard -> owning core, with a hash that is stable across machines.
 //! - [`engine`]: commands, the single-threaded shard (map, LRU, TTL, versions), the HLC and
 //!   what one core runs to serve its shards.
-//! - [`ingress`]: per-core gRPC (hyper + tonic codecs on glommio), request validation and
+//! - [`ingress`]: per-core gRPC (our HTTP/2 server and prost on glommio), request validation and
 //!   routing to the owning core; reflection and health on a side thread.
 //! - [`node`]: starts the cores and the side thread, and shuts them down on a signal.
 //! - [`observability`]: tracing setup.

@@ -93,8 +93,6 @@ mod code {
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const COMPRESSION_ERROR: u32 = 0x9;
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;
-    #[cfg(test)]
-    pub const CANCEL_FOR_TESTS: u32 = 0x8;
 }
 
 /// What a connection asks of its core: our unary calls, and everything else.
@@ -1802,7 +1800,8 @@ mod tests {
         assert_eq!(sent[0].payload, code::REFUSED_STREAM.to_be_bytes());
         let mut rst = vec![];
         put_frame_header(&mut rst, 4, frame::RST_STREAM, 0, 1);
-        rst.extend_from_slice(&code::CANCEL_FOR_TESTS.to_be_bytes());
+        let cancel: u32 = 0x8; // CANCEL, which the server itself never sends
+        rst.extend_from_slice(&cancel.to_be_bytes());
         peer.feed(&rst);
         for tx in peer.fake.hold.borrow_mut().take().unwrap() {
             tx.send(()).unwrap();

@@ -1,6 +1,7 @@
-//! The two adapters that let hyper's HTTP/2 server run on a glommio core without tokio: socket
-//! I/O (glommio's futures-io stream -> hyper's `rt::Read`/`rt::Write`) and task spawning (hyper's
-//! `rt::Executor` -> `glommio::spawn_local`, so nothing needs to be `Send`).
+//! The two adapters that let hyper's HTTP/2 client (the node's connections to its peers) run
+//! on a glommio core without tokio: socket I/O (glommio's futures-io stream -> hyper's
+//! `rt::Read`/`rt::Write`) and task spawning (hyper's `rt::Executor` -> `glommio::spawn_local`,
+//! so nothing needs to be `Send`). The node's server side is `http2`, which needs neither.
 
 use futures_lite::{AsyncBufRead, AsyncWrite};
 use glommio::net::{Preallocated, TcpStream};
