@@ -8,6 +8,7 @@ use crate::{
     LoadArgs,
 };
 use anyhow::{anyhow, Context};
+use distributed_cache::pb::{node_service_client::NodeServiceClient, StatsRequest};
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -132,6 +133,43 @@ async fn start_node(
     Ok(s)
 }
 
+/// Per core of a node: requests answered on it (its ingress) and entries it owns.
+async fn core_counts(addr: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut c = NodeServiceClient::connect(format!("http://{addr}")).await?;
+    let stats = c.stats(StatsRequest {}).await?.into_inner();
+    let mut cores = vec![(0, 0); stats.cores.len()];
+    for cs in stats.cores {
+        if let Some(slot) = cores.get_mut(cs.core as usize) {
+            *slot = (cs.requests.iter().map(|r| r.count).sum(), cs.entries);
+        }
+    }
+    Ok(cores)
+}
+
+/// Where a node round's requests went, from the node's own counters: the cores they arrived
+/// on and, when they all aim at one key, whether its owner is another core (one hop each way).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Path {
+    ingress_cores: Vec<usize>,
+    owner_cores: Vec<usize>,
+    /// Some(true) when one key is loaded and no request arrived on its owning core.
+    one_hop: Option<bool>,
+}
+
+fn path_of(before: &[(u64, u64)], after: &[(u64, u64)], keys: u64) -> Path {
+    let ingress_cores: Vec<usize> = (0..after.len())
+        .filter(|&i| after[i].0 > before.get(i).map_or(0, |b| b.0))
+        .collect();
+    let owner_cores: Vec<usize> = (0..after.len()).filter(|&i| after[i].1 > 0).collect();
+    let one_hop =
+        (keys == 1 && owner_cores.len() == 1).then(|| !ingress_cores.contains(&owner_cores[0]));
+    Path {
+        ingress_cores,
+        owner_cores,
+        one_hop,
+    }
+}
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = xs.len();
@@ -199,14 +237,37 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
             .with_context(|| format!("pre-populating {}", s.label))?;
     }
     let mut results: Vec<Vec<Report>> = vec![Vec::new(); servers.len()];
+    let mut paths: Vec<Vec<Path>> = vec![Vec::new(); servers.len()];
     for round in 1..=opts.rounds {
         for (i, s) in servers.iter().enumerate() {
+            let is_node = s.label.starts_with("node");
+            let before = if is_node {
+                core_counts(&s.addr).await?
+            } else {
+                Vec::new()
+            };
             let o = opts.load.to_opts(vec![s.addr.clone()], true);
             let rep = run::run(&o)
                 .await
                 .with_context(|| format!("round {round} on {}", s.label))?;
+            let path = if is_node {
+                let p = path_of(&before, &core_counts(&s.addr).await?, opts.load.keys);
+                let hop = match p.one_hop {
+                    Some(true) => ", one hop",
+                    Some(false) => ", local",
+                    None => "",
+                };
+                let note = format!(
+                    "  (arrived on cores {:?}, keys on {:?}{hop})",
+                    p.ingress_cores, p.owner_cores
+                );
+                paths[i].push(p);
+                note
+            } else {
+                String::new()
+            };
             println!(
-                "  round {round} {:<8} {:>10.0} req/s  p50 {:>5} us  p99 {:>6} us  errors {:?}",
+                "  round {round} {:<8} {:>10.0} req/s  p50 {:>5} us  p99 {:>6} us  errors {:?}{path}",
                 s.label, rep.throughput_rps, rep.latency.p50_us, rep.latency.p99_us, rep.errors
             );
             results[i].push(rep);
@@ -251,6 +312,37 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
             l(3, "p99_us") / l(2, "p99_us").max(1e-9)
         );
     }
+    // With one key and one connection, a round is either served on the core the connection
+    // landed on or one hop away; the two are separate figures.
+    let mut by_path = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        for (hop, name) in [(false, "local"), (true, "one hop")] {
+            let reps: Vec<&Report> = results[i]
+                .iter()
+                .zip(&paths[i])
+                .filter(|(_, p)| p.one_hop == Some(hop))
+                .map(|(r, _)| r)
+                .collect();
+            if reps.is_empty() {
+                continue;
+            }
+            let (p50, _) = summarize(reps.iter().map(|r| r.latency.p50_us as f64).collect());
+            let (p99, _) = summarize(reps.iter().map(|r| r.latency.p99_us as f64).collect());
+            println!(
+                "  {:<8} {name:<7} ({} of {} rounds): p50 {p50:.0} us ({:.3} of the ceiling's)  p99 {p99:.0} us ({:.3})",
+                s.label,
+                reps.len(),
+                results[i].len(),
+                p50 / l(0, "p50_us").max(1e-9),
+                p99 / l(0, "p99_us").max(1e-9)
+            );
+            by_path.push(serde_json::json!({
+                "server": s.label, "path": name, "rounds": reps.len(), "p50_us": p50, "p99_us": p99,
+                "p50_over_ceiling": p50 / l(0, "p50_us").max(1e-9),
+                "p99_over_ceiling": p99 / l(0, "p99_us").max(1e-9),
+            }));
+        }
+    }
     println!("load average before {load_before}  after {load_after}");
     servers.clear();
 
@@ -270,6 +362,8 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
                 "node_over_ceiling_p50": l(2, "p50_us") / l(0, "p50_us").max(1e-9),
                 "node_over_ceiling_p99": l(2, "p99_us") / l(0, "p99_us").max(1e-9),
             },
+            "by_path": by_path,
+            "paths": paths,
             "memory": memory,
             "loadavg_before": load_before, "loadavg_after": load_after,
         });

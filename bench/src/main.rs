@@ -82,6 +82,10 @@ pub struct LoadArgs {
     /// Streams in flight per connection.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     concurrency: u64,
+    /// OS threads for the connections, each running its share on its own single-threaded
+    /// runtime (default: the cores this process may use).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
     /// Open loop at this many requests/s in total (default: closed loop).
     #[arg(long, value_parser = parse_positive)]
     rate: Option<f64>,
@@ -138,6 +142,10 @@ impl LoadArgs {
             targets,
             connections: self.connections as usize,
             concurrency: self.concurrency as usize,
+            threads: self.threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                |t| t as usize,
+            ),
             rate: self.rate,
             workload: Workload {
                 keys: self.keys,

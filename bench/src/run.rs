@@ -7,25 +7,33 @@ use crate::{
     stats::{report, Recorder, Report},
     workload::{key_for, value_of, Generator, Op, Workload},
 };
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, Context as _};
 use distributed_cache::pb::{
     cache_service_client::CacheServiceClient, set_request, DeleteRequest, GetRequest, SetRequest,
 };
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::{
+    future::Future,
     io::IsTerminal,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
-use tonic::{transport::Channel, Code};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{body::Body, codegen::http, metadata::MetadataValue, Code};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {
     pub targets: Vec<String>,
     pub connections: usize,
     pub concurrency: usize,
+    /// OS threads driving the connections, each with its own single-threaded runtime.
+    pub threads: usize,
     /// Requests per second over all workers; None = closed loop.
     pub rate: Option<f64>,
     pub workload: Workload,
@@ -39,78 +47,221 @@ pub struct RunOpts {
     pub quiet: bool,
 }
 
-type Client = CacheServiceClient<Channel>;
+/// One HTTP/2 connection, handed to tonic's generated client as it is. tonic's `Channel` puts
+/// a buffer task, a reconnect layer and a timer per request in front of the same connection:
+/// on two cores shared with the servers under test, those hops between tasks and threads cost
+/// more CPU per request than the servers themselves spend, and the generator set the pace.
+#[derive(Clone)]
+struct Conn(SendRequest<Body>);
 
-async fn connect(target: &str, timeout: Duration) -> anyhow::Result<Client> {
-    let url = format!("http://{target}");
-    let channel = Channel::from_shared(url)
-        .map_err(|e| anyhow!("invalid target {target}: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| anyhow!("target {target} is unreachable: {e}"))?;
-    Ok(CacheServiceClient::new(channel))
+impl tonic::codegen::Service<http::Request<Body>> for Conn {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
 }
 
-/// One connection per entry, round-robin over the targets.
-pub async fn connect_all(opts: &RunOpts) -> anyhow::Result<Vec<Client>> {
-    let mut clients = Vec::with_capacity(opts.connections);
-    for i in 0..opts.connections {
-        let target = &opts.targets[i % opts.targets.len()];
-        let c = tokio::time::timeout(
-            opts.rpc_timeout + Duration::from_secs(1),
-            connect(target, opts.rpc_timeout),
-        )
+type Client = CacheServiceClient<Conn>;
+
+/// Connects on the current runtime, which then drives the connection.
+async fn connect(target: &str, timeout: Duration) -> anyhow::Result<Conn> {
+    let unreachable = |e: &dyn std::fmt::Display| anyhow!("target {target} is unreachable: {e}");
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(target)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(conn);
+        anyhow::Ok(Conn(send))
+    };
+    tokio::time::timeout(timeout, handshake)
         .await
-        .map_err(|_| {
-            anyhow!(
-                "target {target} is unreachable: no answer within {:?}",
-                opts.rpc_timeout
-            )
-        })??;
-        clients.push(c);
+        .map_err(|_| unreachable(&format_args!("no answer within {timeout:?}")))?
+}
+
+fn client(conn: &Conn, target: &str) -> Client {
+    let origin = format!("http://{target}")
+        .parse()
+        .expect("a target is validated as host:port");
+    CacheServiceClient::with_origin(conn.clone(), origin)
+}
+
+/// The connections `i` with `i % threads == t` belong to thread `t`.
+struct Conns {
+    /// (connection index, target, connection)
+    mine: Vec<(usize, String, Conn)>,
+}
+
+type Job = Box<dyn FnOnce(Arc<Conns>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// Threads that each own a share of the connections on a single-threaded runtime, so that a
+/// request, its connection's task and its reply stay on one thread: no wake-up crosses threads.
+pub struct Pool {
+    jobs: Vec<mpsc::UnboundedSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Starts the threads and opens every connection, round-robin over the targets.
+    pub async fn connect(opts: &RunOpts) -> anyhow::Result<Pool> {
+        let nr = opts.threads.clamp(1, opts.connections);
+        let mut pool = Pool {
+            jobs: Vec::with_capacity(nr),
+            threads: Vec::with_capacity(nr),
+        };
+        let mut ready = Vec::with_capacity(nr);
+        for t in 0..nr {
+            let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
+            let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
+            let targets: Vec<(usize, String)> = (t..opts.connections)
+                .step_by(nr)
+                .map(|i| (i, opts.targets[i % opts.targets.len()].clone()))
+                .collect();
+            let timeout = opts.rpc_timeout;
+            let thread = std::thread::Builder::new()
+                .name(format!("load-{t}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let mut mine = Vec::with_capacity(targets.len());
+                        for (i, target) in targets {
+                            match connect(&target, timeout).await {
+                                Ok(conn) => mine.push((i, target, conn)),
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                        }
+                        let _ = ready_tx.send(Ok(()));
+                        let conns = Arc::new(Conns { mine });
+                        while let Some(job) = jobs_rx.recv().await {
+                            job(Arc::clone(&conns)).await;
+                        }
+                    });
+                })
+                .context("starting a load thread")?;
+            pool.jobs.push(jobs_tx);
+            pool.threads.push(thread);
+            ready.push(ready_rx);
+        }
+        for r in ready {
+            r.await
+                .map_err(|_| anyhow!("a load thread ended while connecting"))??;
+        }
+        Ok(pool)
     }
-    Ok(clients)
+
+    /// Runs `job` on every thread with its connections and collects what each returns.
+    async fn each<T, F, Fut>(&self, job: F) -> Vec<T>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<Conns>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let mut results = Vec::with_capacity(self.jobs.len());
+        for jobs in &self.jobs {
+            let (tx, rx) = oneshot::channel();
+            let job = job.clone();
+            let boxed: Job = Box::new(move |conns| {
+                Box::pin(async move {
+                    let _ = tx.send(job(conns).await);
+                })
+            });
+            if jobs.send(boxed).is_ok() {
+                results.push(rx);
+            }
+        }
+        let mut out = Vec::with_capacity(results.len());
+        for rx in results {
+            if let Ok(v) = rx.await {
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn code_name(code: Code) -> String {
     format!("{code:?}")
 }
 
-/// Sets every key once, spread over the connections.
-pub async fn prepopulate(clients: &[Client], w: &Workload, parallel: usize) -> anyhow::Result<()> {
+/// Sets every key once, with `parallel` requests in flight spread over the connections.
+pub async fn prepopulate(pool: &Pool, opts: &RunOpts, parallel: usize) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
-    let value = value_of(w.value_bytes);
-    let mut tasks = Vec::new();
-    for i in 0..parallel.max(1) {
-        let mut c = clients[i % clients.len()].clone();
-        let next = Arc::clone(&next);
-        let value = value.clone();
-        let (keys, first_key, key_bytes) = (w.keys, w.first_key, w.key_bytes);
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= keys {
-                    return Ok::<_, anyhow::Error>(());
+    let (w, connections, timeout) = (opts.workload.clone(), opts.connections, opts.rpc_timeout);
+    let results = pool
+        .each(move |conns: Arc<Conns>| {
+            let (next, w) = (Arc::clone(&next), w.clone());
+            async move {
+                let value = value_of(w.value_bytes);
+                let mut tasks = Vec::new();
+                for i in 0..parallel.max(1) {
+                    let Some((_, target, conn)) =
+                        conns.mine.iter().find(|c| c.0 == i % connections)
+                    else {
+                        continue;
+                    };
+                    let mut c = client(conn, target);
+                    let (next, value, w) = (Arc::clone(&next), value.clone(), w.clone());
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            if k >= w.keys {
+                                return Ok::<_, anyhow::Error>(());
+                            }
+                            let k = k + w.first_key;
+                            let set = c.set(SetRequest {
+                                key: key_for(k, w.key_bytes),
+                                payload: Some(set_request::Payload::Value(value.clone())),
+                                ttl_seconds: None,
+                                ..Default::default()
+                            });
+                            tokio::time::timeout(timeout, set)
+                                .await
+                                .map_err(|_| anyhow!("no answer within {timeout:?}"))
+                                .and_then(|r| r.map_err(anyhow::Error::from))
+                                .with_context(|| format!("pre-populating key {k}"))?;
+                        }
+                    }));
                 }
-                let k = k + first_key;
-                c.set(SetRequest {
-                    key: key_for(k, key_bytes),
-                    payload: Some(set_request::Payload::Value(value.clone())),
-                    ttl_seconds: None,
-                    ..Default::default()
-                })
-                .await
-                .with_context(|| format!("pre-populating key {k}"))?;
+                for t in tasks {
+                    t.await??;
+                }
+                anyhow::Ok(())
             }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
+        })
+        .await;
+    results.into_iter().collect()
 }
 
 struct Phase {
@@ -119,14 +270,43 @@ struct Phase {
     done: AtomicU64,
 }
 
+struct Request {
+    timeout: Duration,
+    /// The same deadline in the `grpc-timeout` header, made once, as every gRPC client sends it.
+    header: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Request {
+    fn new(timeout: Duration) -> Self {
+        let mut probe = tonic::Request::new(());
+        probe.set_timeout(timeout);
+        let header = probe
+            .metadata()
+            .get("grpc-timeout")
+            .expect("set_timeout sets grpc-timeout")
+            .clone();
+        Self { timeout, header }
+    }
+
+    fn wrap<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("grpc-timeout", self.header.clone());
+        r
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn worker(
-    mut client: Client,
+    conn: Conn,
+    target: String,
     mut generator: Generator,
     w: Workload,
     phase: Arc<Phase>,
     interval: Option<Duration>,
     start: Instant,
+    req: Arc<Request>,
 ) -> Recorder {
+    let mut client = client(&conn, &target);
     let mut rec = Recorder::default();
     let value = value_of(w.value_bytes);
     let mut due = start;
@@ -151,45 +331,60 @@ async fn worker(
         };
         let key = key_for(generator.key_index(), w.key_bytes);
         let op = generator.op();
-        let outcome = match op {
-            Op::Get => client
-                .get(GetRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| true),
-            Op::Set => client
-                .set(SetRequest {
-                    key,
-                    payload: Some(set_request::Payload::Value(value.clone())),
-                    ttl_seconds: None,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| false),
-            Op::Delete => client
-                .delete(DeleteRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| false),
+        let call = async {
+            match op {
+                Op::Get => client
+                    .get(req.wrap(GetRequest {
+                        key,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(|_| true),
+                Op::Set => client
+                    .set(req.wrap(SetRequest {
+                        key,
+                        payload: Some(set_request::Payload::Value(value.clone())),
+                        ttl_seconds: None,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(|_| false),
+                Op::Delete => client
+                    .delete(req.wrap(DeleteRequest {
+                        key,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(|_| false),
+            }
         };
+        let outcome = tokio::time::timeout(req.timeout, call).await;
         rec.record_latency(sent_from.elapsed().as_micros() as u64);
         match outcome {
-            Ok(hit) => {
+            Ok(Ok(hit)) => {
                 rec.ok += 1;
                 if op == Op::Get {
                     rec.gets += 1;
                     rec.hits += hit as u64;
                 }
             }
-            Err(status) if op == Op::Get && status.code() == Code::NotFound => {
+            Ok(Err(status)) if op == Op::Get && status.code() == Code::NotFound => {
                 rec.ok += 1;
                 rec.gets += 1;
             }
-            Err(status) => *rec.errors.entry(code_name(status.code())).or_default() += 1,
+            Ok(Err(status)) => {
+                *rec.errors.entry(code_name(status.code())).or_default() += 1;
+                // Connections are not re-established: a worker whose connection has gone stops
+                // after counting the error rather than failing in a tight loop.
+                if conn.0.is_closed() {
+                    break;
+                }
+            }
+            Err(_) => {
+                *rec.errors
+                    .entry(code_name(Code::DeadlineExceeded))
+                    .or_default() += 1
+            }
         }
         phase.done.fetch_add(1, Ordering::Relaxed);
     }
@@ -197,7 +392,7 @@ async fn worker(
 }
 
 async fn run_phase(
-    clients: &[Client],
+    pool: &Pool,
     opts: &RunOpts,
     length: Duration,
     budget: Option<u64>,
@@ -213,23 +408,42 @@ async fn run_phase(
     let interval = opts
         .rate
         .map(|r| Duration::from_secs_f64(workers as f64 / r));
+    let req = Arc::new(Request::new(opts.rpc_timeout));
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(workers);
-    for i in 0..workers {
-        let client = clients[i % clients.len()].clone();
-        let generator = Generator::new(
-            &opts.workload,
-            seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-        );
-        tasks.push(tokio::spawn(worker(
-            client,
-            generator,
-            opts.workload.clone(),
-            Arc::clone(&phase),
-            interval,
-            start,
-        )));
-    }
+    let (connections, w) = (opts.connections, opts.workload.clone());
+    let load = {
+        let phase = Arc::clone(&phase);
+        pool.each(move |conns: Arc<Conns>| {
+            let (phase, w, req) = (Arc::clone(&phase), w.clone(), Arc::clone(&req));
+            async move {
+                let mut tasks = Vec::new();
+                for (c, target, conn) in &conns.mine {
+                    // Worker i drives connection i % connections, whichever thread owns it.
+                    for i in (*c..workers).step_by(connections) {
+                        let generator =
+                            Generator::new(&w, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+                        tasks.push(tokio::spawn(worker(
+                            conn.clone(),
+                            target.clone(),
+                            generator,
+                            w.clone(),
+                            Arc::clone(&phase),
+                            interval,
+                            start,
+                            Arc::clone(&req),
+                        )));
+                    }
+                }
+                let mut total = Recorder::default();
+                for t in tasks {
+                    if let Ok(rec) = t.await {
+                        total.merge(&rec);
+                    }
+                }
+                total
+            }
+        })
+    };
     let progress = show_progress.then(|| {
         let phase = Arc::clone(&phase);
         tokio::spawn(async move {
@@ -248,19 +462,20 @@ async fn run_phase(
         })
     });
     // Stop on time, or when the request budget runs out (workers then exit by themselves).
-    let deadline = start + length;
-    while Instant::now() < deadline && phase.budget.load(Ordering::Relaxed) > 0 {
-        tokio::time::sleep(
-            Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
-    }
-    phase.stop.store(true, Ordering::Relaxed);
-    let mut total = Recorder::default();
-    for t in tasks {
-        if let Ok(rec) = t.await {
-            total.merge(&rec);
+    let clock = async {
+        let deadline = start + length;
+        while Instant::now() < deadline && phase.budget.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(
+                Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
         }
+        phase.stop.store(true, Ordering::Relaxed);
+    };
+    let (recs, ()) = tokio::join!(load, clock);
+    let mut total = Recorder::default();
+    for rec in &recs {
+        total.merge(rec);
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(p) = progress {
@@ -272,27 +487,15 @@ async fn run_phase(
 
 /// Connects, pre-populates if asked, warms up (not counted), then measures.
 pub async fn run(opts: &RunOpts) -> anyhow::Result<Report> {
-    let clients = connect_all(opts).await?;
+    let pool = Pool::connect(opts).await?;
     if opts.prepopulate {
-        prepopulate(
-            &clients,
-            &opts.workload,
-            opts.connections * opts.concurrency,
-        )
-        .await?;
+        prepopulate(&pool, opts, opts.connections * opts.concurrency).await?;
     }
     if !opts.warmup.is_zero() {
-        run_phase(&clients, opts, opts.warmup, None, opts.seed ^ 0x5eed, false).await;
+        run_phase(&pool, opts, opts.warmup, None, opts.seed ^ 0x5eed, false).await;
     }
     let show = !opts.quiet && std::io::stderr().is_terminal();
-    let (rec, seconds) = run_phase(
-        &clients,
-        opts,
-        opts.duration,
-        opts.requests,
-        opts.seed,
-        show,
-    )
-    .await;
+    let (rec, seconds) =
+        run_phase(&pool, opts, opts.duration, opts.requests, opts.seed, show).await;
     Ok(report(&rec, seconds))
 }
