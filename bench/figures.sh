@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-measures every figure in bench/RESULTS.md (about 8 minutes on 2 cores). Build first:
+# Re-measures every figure in bench/RESULTS.md (about 9 minutes on 2 cores). Build first:
 #   cargo build --release --workspace
 # Output goes to stdout and JSON files under ${OUT:-/tmp/cache-bench}.
 set -euo pipefail
@@ -16,11 +16,11 @@ for shards in "$cores" 64; do
     echo "== Set, NUM_SHARDS=$shards"
     $B compare "${COMMON[@]}" --read-ratio 0.0 --node-env NUM_SHARDS=$shards --node-env RUST_LOG=error --json "$OUT/set-$shards.json"
 done
-# 1x1 latency on one key: k..0 hashes to shard 1 (core 1), k..2 to shard 0 (core 0) with 2
-# shards; one of the two is owned by the core the connection did not land on.
+# 1x1 latency on one key (key 0 is on core 1 and key 2 on core 0 with 2 shards); the
+# connection lands on either core, and each node round says which: local or one hop away.
 for first in 0 2; do
     echo "== 1 connection x 1 stream, Get of key index $first"
-    $B compare --connections 1 --concurrency 1 --keys 1 --first-key $first --read-ratio 1.0 --duration 5 --warmup 1 --rounds 3 \
+    $B compare --connections 1 --concurrency 1 --keys 1 --first-key $first --read-ratio 1.0 --duration 5 --warmup 1 --rounds 5 \
         --node-env RUST_LOG=error --json "$OUT/latency-key$first.json"
 done
 echo "== memory: 1,000,000 keys of 16 B + 100 B"
