@@ -103,6 +103,22 @@ struct Conns {
     mine: Vec<(usize, String, Conn)>,
 }
 
+impl Conns {
+    /// The workers this thread runs, of `total` spread over `connections`: worker i drives
+    /// connection i % connections, whichever thread owns it. Yields (worker, target, connection).
+    fn workers(
+        &self,
+        total: usize,
+        connections: usize,
+    ) -> impl Iterator<Item = (usize, &str, &Conn)> + '_ {
+        self.mine.iter().flat_map(move |(c, target, conn)| {
+            (*c..total)
+                .step_by(connections)
+                .map(move |i| (i, target.as_str(), conn))
+        })
+    }
+}
+
 type Job = Box<dyn FnOnce(Arc<Conns>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// Threads that each own a share of the connections on a single-threaded runtime, so that a
@@ -225,12 +241,7 @@ pub async fn prepopulate(pool: &Pool, opts: &RunOpts, parallel: usize) -> anyhow
             async move {
                 let value = value_of(w.value_bytes);
                 let mut tasks = Vec::new();
-                for i in 0..parallel.max(1) {
-                    let Some((_, target, conn)) =
-                        conns.mine.iter().find(|c| c.0 == i % connections)
-                    else {
-                        continue;
-                    };
+                for (_, target, conn) in conns.workers(parallel.max(1), connections) {
                     let mut c = client(conn, target);
                     let (next, value, w) = (Arc::clone(&next), value.clone(), w.clone());
                     tasks.push(tokio::spawn(async move {
@@ -417,22 +428,19 @@ async fn run_phase(
             let (phase, w, req) = (Arc::clone(&phase), w.clone(), Arc::clone(&req));
             async move {
                 let mut tasks = Vec::new();
-                for (c, target, conn) in &conns.mine {
-                    // Worker i drives connection i % connections, whichever thread owns it.
-                    for i in (*c..workers).step_by(connections) {
-                        let generator =
-                            Generator::new(&w, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-                        tasks.push(tokio::spawn(worker(
-                            conn.clone(),
-                            target.clone(),
-                            generator,
-                            w.clone(),
-                            Arc::clone(&phase),
-                            interval,
-                            start,
-                            Arc::clone(&req),
-                        )));
-                    }
+                for (i, target, conn) in conns.workers(workers, connections) {
+                    let generator =
+                        Generator::new(&w, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+                    tasks.push(tokio::spawn(worker(
+                        conn.clone(),
+                        target.to_string(),
+                        generator,
+                        w.clone(),
+                        Arc::clone(&phase),
+                        interval,
+                        start,
+                        Arc::clone(&req),
+                    )));
                 }
                 let mut total = Recorder::default();
                 for t in tasks {
