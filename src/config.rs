@@ -41,6 +41,7 @@ struct RawEnv {
     hint_ttl: Option<String>,
     anti_entropy_interval: Option<String>,
     anti_entropy: Option<String>,
+    speculative_retry: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,8 @@ pub struct Config {
     pub hints: crate::cluster::hints::HintLimits,
     /// How often replicas compare their digest trees; None = never (ANTI_ENTROPY=off).
     pub anti_entropy_interval: Option<Duration>,
+    /// When a read waiting for a slow replica asks one more (SPECULATIVE_RETRY).
+    pub speculative_retry: crate::cluster::snitch::SpeculativeRetry,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -385,7 +388,15 @@ impl Config {
             Duration::from_secs(30),
         )?;
 
+        let speculative_retry = match raw.speculative_retry.as_deref().map(str::trim) {
+            None | Some("") => Default::default(),
+            Some(value) => value
+                .parse()
+                .map_err(|reason: String| invalid("SPECULATIVE_RETRY", value, reason))?,
+        };
+
         Ok(Config {
+            speculative_retry,
             anti_entropy_interval: anti_entropy.then_some(anti_entropy_interval),
             hints: crate::cluster::hints::HintLimits {
                 enabled: hinted_handoff,
@@ -447,6 +458,10 @@ mod tests {
             (c.replication_factor, c.write_quorum, c.read_quorum),
             (3, 2, 2)
         );
+        assert_eq!(
+            c.speculative_retry,
+            crate::cluster::snitch::SpeculativeRetry::Percentile(99.0)
+        );
     }
 
     #[test]
@@ -473,8 +488,13 @@ mod tests {
             ("RATE_LIMIT_BURST", "20"),
             ("CORES", "1"),
             ("LOG_FORMAT", "text"),
+            ("SPECULATIVE_RETRY", "20ms"),
         ])
         .unwrap();
+        assert_eq!(
+            c.speculative_retry,
+            crate::cluster::snitch::SpeculativeRetry::Fixed(Duration::from_millis(20))
+        );
         assert_eq!(c.listen_addr, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.peers, vec!["10.0.0.1:8080", "node2:8080"]);
         assert_eq!(c.num_shards, 64);
@@ -520,6 +540,8 @@ mod tests {
             ("HINT_TTL", "0"),
             ("ANTI_ENTROPY_INTERVAL", "often"),
             ("ANTI_ENTROPY", "sometimes"),
+            ("SPECULATIVE_RETRY", "p100"),
+            ("SPECULATIVE_RETRY", "soon"),
         ];
         for (var, value) in cases {
             let err = parse(&[(var, value)]).expect_err(&format!("{var}={value} accepted"));

@@ -27,6 +27,14 @@ pub enum Error {
         needed: usize,
         total: usize,
     },
+    /// The failure detector holds too many replicas DOWN for the level: refused before any
+    /// replica is waited for.
+    #[error("not enough live replicas: {live} of {total} up, {needed} needed")]
+    TooFewLive {
+        live: usize,
+        needed: usize,
+        total: usize,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,7 +54,9 @@ impl Error {
                 Code::ResourceExhausted
             }
             Error::DeadlineExceeded => Code::DeadlineExceeded,
-            Error::ShuttingDown | Error::Unavailable { .. } => Code::Unavailable,
+            Error::ShuttingDown | Error::Unavailable { .. } | Error::TooFewLive { .. } => {
+                Code::Unavailable
+            }
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -74,6 +84,14 @@ mod tests {
             (Error::RateLimited, Code::ResourceExhausted),
             (Error::DeadlineExceeded, Code::DeadlineExceeded),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::TooFewLive {
+                    live: 1,
+                    needed: 2,
+                    total: 3,
+                },
+                Code::Unavailable,
+            ),
             (Error::Internal("boom".into()), Code::Internal),
         ];
         for (e, code) in cases {

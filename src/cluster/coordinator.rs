@@ -6,9 +6,11 @@
 
 use super::{
     hints::Hints,
+    membership::MemberState,
     peer::PeerClients,
     replication::{required, resolve, Level, Outcome, Tally, Versioned},
     ring::Ring,
+    snitch::{state_of, Health, SpeculativeRetry},
 };
 use crate::{
     engine::{
@@ -22,13 +24,19 @@ use crate::{
 };
 use futures_lite::future;
 use glommio::channels::local_channel;
-use std::{cell::RefCell, rc::Rc, time::Instant};
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
-/// How long a read waits for a replica before asking one more (Cassandra's speculative retry).
-const SPECULATIVE_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often a request waiting on replicas, with none left to ask, looks again at the failure
+/// detector's verdicts: a replica declared DOWN meanwhile fails the wait well before the
+/// client's deadline.
+const HEALTH_RECHECK: Duration = Duration::from_millis(100);
 
 /// How long a read keeps listening for late replicas and repairing them.
-const REPAIR_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+const REPAIR_WINDOW: Duration = Duration::from_secs(2);
 
 impl Versioned for ReplicaEntry {
     fn version(&self) -> Version {
@@ -53,6 +61,14 @@ pub struct Coordinator {
     pub hints: Rc<Hints>,
     /// Buckets this node is still receiving (from the side thread's anti-entropy).
     pub syncing: RefCell<Rc<crate::cluster::ring::BucketSet>>,
+    /// The failure detector's verdicts, replaced by message on every change.
+    pub health: RefCell<Rc<Health>>,
+    /// SPECULATIVE_RETRY.
+    pub speculative: SpeculativeRetry,
+    /// Reads that asked one more replica because one was slower than its delay.
+    pub speculative_retries: Cell<u64>,
+    /// Replicas left out of a request because the failure detector held them DOWN.
+    pub skipped_down: Cell<u64>,
 }
 
 impl Coordinator {
@@ -86,8 +102,42 @@ impl Coordinator {
         })
     }
 
-    /// Writes `entry` to every replica; Ok((version, any replica had a live value)) once
-    /// `needed` have stored it.
+    /// The key's replicas, this node first when it is one, then the others by health and
+    /// recent latency (the fastest first; SUSPECT ones last), with the DOWN ones left out:
+    /// (in asking order, how many DOWN were left out).
+    fn rank(&self, ring: &Ring, key: &[u8], health: &Health) -> (Vec<String>, Vec<String>) {
+        let now = Instant::now();
+        let mut live: Vec<(bool, f64, String)> = Vec::with_capacity(ring.replication_factor());
+        let mut down = Vec::new();
+        for addr in ring.replicas(key) {
+            match state_of(health, addr) {
+                _ if addr == self.me => live.push((false, f64::MIN, addr.to_string())),
+                MemberState::Down => down.push(addr.to_string()),
+                state => live.push((
+                    state == MemberState::Suspect,
+                    self.peers.score_us(addr, now),
+                    addr.to_string(),
+                )),
+            }
+        }
+        live.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        (live.into_iter().map(|(_, _, a)| a).collect(), down)
+    }
+
+    fn health(&self) -> Rc<Health> {
+        Rc::clone(&self.health.borrow())
+    }
+
+    /// Whether `addr` is now DOWN by the failure detector.
+    fn is_down(&self, addr: &str) -> bool {
+        state_of(&self.health.borrow(), addr) == MemberState::Down
+    }
+
+    /// Writes `entry` to every replica; Ok(any replica had a live value) once `needed` have
+    /// stored it. Replicas the failure detector holds DOWN are not called: they get the write
+    /// as a hint. When too few replicas are up for the level the write is refused at once and
+    /// made nowhere, as Cassandra's UnavailableException: a definite failure the client may
+    /// retry, not a write that surfaces later through hints.
     async fn replicate(
         self: &Rc<Self>,
         shard: ShardId,
@@ -96,19 +146,32 @@ impl Coordinator {
         deadline: Instant,
     ) -> Result<bool, Error> {
         let ring = self.ring();
-        let replicas: Vec<String> = ring
-            .replicas(&entry.key)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        let needed = required(level, replicas.len(), self.write_quorum);
-        let mut tally = Tally::new(needed, replicas.len());
+        let health = self.health();
+        let (live, down) = self.rank(&ring, &entry.key, &health);
+        let total = live.len() + down.len();
+        let needed = required(level, total, self.write_quorum);
+        self.skipped_down
+            .set(self.skipped_down.get() + down.len() as u64);
+        if live.len() < needed {
+            return Err(Error::TooFewLive {
+                live: live.len(),
+                needed,
+                total,
+            });
+        }
+        let now = Instant::now();
+        for addr in &down {
+            self.hints.store(addr, entry.clone(), now);
+        }
+        let mut tally = Tally::new(needed, live.len());
         let mut existed = false;
-        let (tx, rx) = local_channel::new_unbounded::<Result<(bool, bool), ()>>();
+        let (tx, rx) = local_channel::new_unbounded::<(usize, Result<(bool, bool), ()>)>();
         let tx = Rc::new(tx);
         let entry = Rc::new(entry);
-        for addr in replicas {
-            if addr == self.me {
+        // Which of `live` are still being waited for (a bit each; RF is far below 64).
+        let mut waiting: u64 = 0;
+        for (i, addr) in live.iter().enumerate() {
+            if *addr == self.me {
                 match self.local(shard, Command::Apply((*entry).clone()), deadline) {
                     Ok(Reply::Applied { existed: e, .. }) => {
                         existed |= e;
@@ -120,8 +183,9 @@ impl Coordinator {
                 }
                 continue;
             }
+            waiting |= 1 << i;
             let (peers, entry, tx) = (Rc::clone(&self.peers), Rc::clone(&entry), Rc::clone(&tx));
-            let hints = Rc::clone(&self.hints);
+            let (hints, addr) = (Rc::clone(&self.hints), addr.clone());
             glommio::spawn_local(async move {
                 let r = peers.write(&addr, &entry, deadline).await.map_err(|_| ());
                 if r.is_err() {
@@ -129,7 +193,7 @@ impl Coordinator {
                     // or not the quorum was reached without it.
                     hints.store(&addr, (*entry).clone(), Instant::now());
                 }
-                let _ = tx.try_send(r);
+                let _ = tx.try_send((i, r));
             })
             .detach();
         }
@@ -141,20 +205,38 @@ impl Coordinator {
                     return Err(Error::Unavailable {
                         answered: tally.ok,
                         needed,
-                        total: tally.total,
+                        total,
                     })
                 }
                 Outcome::Pending => {}
             }
-            match recv_until(&rx, deadline).await {
-                Some(Ok((_, e))) => {
-                    existed |= e;
-                    tally.ok();
+            match recv_until(&rx, deadline.min(Instant::now() + HEALTH_RECHECK)).await {
+                Some((i, r)) => {
+                    if waiting & (1 << i) == 0 {
+                        continue;
+                    }
+                    waiting &= !(1 << i);
+                    match r {
+                        Ok((_, e)) => {
+                            existed |= e;
+                            tally.ok();
+                        }
+                        Err(()) => {
+                            tally.fail();
+                        }
+                    }
                 }
-                Some(Err(())) => {
-                    tally.fail();
+                None if Instant::now() >= deadline => return Err(Error::DeadlineExceeded),
+                None => {
+                    // Replicas declared DOWN meanwhile will not answer: stop waiting for them
+                    // (their calls go on, and store a hint when they fail).
+                    for (i, addr) in live.iter().enumerate() {
+                        if waiting & (1 << i) != 0 && self.is_down(addr) {
+                            waiting &= !(1 << i);
+                            tally.fail();
+                        }
+                    }
                 }
-                None => return Err(Error::DeadlineExceeded),
             }
         }
     }
@@ -210,16 +292,20 @@ impl Coordinator {
         deadline: Instant,
     ) -> Response {
         let ring = self.ring();
-        // This node first: its answer costs no round trip.
-        let mut replicas: Vec<String> = ring
-            .replicas(&key)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        if let Some(i) = replicas.iter().position(|a| *a == self.me) {
-            replicas.swap(0, i);
+        let health = self.health();
+        // This node first (its answer costs no round trip), then the fastest live replicas.
+        let (replicas, down) = self.rank(&ring, &key, &health);
+        let total = replicas.len() + down.len();
+        let needed = required(level, total, self.read_quorum);
+        self.skipped_down
+            .set(self.skipped_down.get() + down.len() as u64);
+        if replicas.len() < needed {
+            return Err(Error::TooFewLive {
+                live: replicas.len(),
+                needed,
+                total,
+            });
         }
-        let needed = required(level, replicas.len(), self.read_quorum);
         let mut tally = Tally::new(needed, replicas.len());
         // A replica still receiving the key's bucket (it just started, or just became a
         // replica) answers "not found" for keys it has not received yet: that answer goes on
@@ -229,19 +315,28 @@ impl Coordinator {
         let mut answers: Vec<(String, Option<ReplicaEntry>)> = Vec::with_capacity(replicas.len());
         #[allow(clippy::type_complexity)]
         let (tx, rx) =
-            local_channel::new_unbounded::<(String, Result<(Option<ReplicaEntry>, bool), ()>)>();
+            local_channel::new_unbounded::<(usize, Result<(Option<ReplicaEntry>, bool), ()>)>();
         let tx = Rc::new(tx);
         let key = Rc::new(key);
         // Only as many replicas as the level needs are asked (quorum intersection needs no
-        // more), and one more for each that fails: a QUORUM read of RF=3 costs one remote call,
-        // not two.
+        // more), and one more for each that fails or is slower than its speculative delay: a
+        // QUORUM read of RF=3 costs one remote call, not two.
         let mut asked = 0;
-        let mut in_flight = 0;
+        // Replicas asked and not answered yet (a bit each, by index in `replicas`), and the
+        // instant after which the read stops waiting for the slowest of them alone.
+        let mut waiting: u64 = 0;
+        // Of those, the ones slower than their speculative delay: still heard if they answer,
+        // but no longer counted on.
+        let mut written_off: u64 = 0;
+        let mut speculate_at: Vec<Option<Instant>> = vec![None; replicas.len()];
         loop {
-            while asked < replicas.len() && tally.ok + in_flight < needed {
-                let addr = replicas[asked].clone();
+            while asked < replicas.len()
+                && tally.ok + ((waiting & !written_off).count_ones() as usize) < needed
+            {
+                let i = asked;
                 asked += 1;
-                if addr == self.me {
+                let addr = &replicas[i];
+                if *addr == self.me {
                     match self.local(
                         shard,
                         Command::Read {
@@ -255,7 +350,7 @@ impl Coordinator {
                             } else {
                                 tally.fail();
                             }
-                            answers.push((addr, e));
+                            answers.push((addr.clone(), e));
                         }
                         _ => {
                             tally.fail();
@@ -263,11 +358,16 @@ impl Coordinator {
                     }
                     continue;
                 }
-                in_flight += 1;
+                waiting |= 1 << i;
+                speculate_at[i] = self
+                    .peers
+                    .speculate_after(addr, self.speculative)
+                    .map(|after| Instant::now() + after);
                 let (peers, key, tx) = (Rc::clone(&self.peers), Rc::clone(&key), Rc::clone(&tx));
+                let addr = addr.clone();
                 glommio::spawn_local(async move {
                     let r = peers.read(&addr, &key, deadline).await.map_err(|_| ());
-                    let _ = tx.try_send((addr, r));
+                    let _ = tx.try_send((i, r));
                 })
                 .detach();
             }
@@ -277,58 +377,77 @@ impl Coordinator {
                     return Err(Error::Unavailable {
                         answered: tally.ok,
                         needed,
-                        total: tally.total,
+                        total,
                     })
                 }
                 Outcome::Pending => {}
             }
-            if in_flight == 0 {
+            if waiting == 0 {
                 // Everyone was asked and nobody is left to answer.
                 return Err(Error::Unavailable {
                     answered: tally.ok,
                     needed,
-                    total: tally.total,
+                    total,
                 });
             }
             // Speculative retry: a replica that is slow (paused, partitioned) must not hold the
-            // read until the client's deadline while another replica could answer.
+            // read while another replica could answer. With nobody left to ask, the wait is
+            // cut in slices so that a replica declared DOWN meanwhile stops holding it.
             let spare = asked < replicas.len();
-            let wait_until = if spare {
-                deadline.min(Instant::now() + SPECULATIVE_AFTER)
-            } else {
-                deadline
-            };
-            match recv_until(&rx, wait_until).await {
-                Some((addr, Ok((e, syncing)))) => {
-                    in_flight -= 1;
-                    if counts(&e, syncing) {
-                        tally.ok();
-                    } else {
-                        tally.fail();
-                    }
-                    answers.push((addr, e));
-                }
-                Some((_, Err(()))) => {
-                    in_flight -= 1;
-                    tally.fail();
-                }
-                None if spare && Instant::now() < deadline => {
-                    // Ask one more replica; the slow one may still answer and count.
-                    let addr = replicas[asked].clone();
-                    asked += 1;
-                    if addr == self.me {
+            let hopeful = waiting & !written_off;
+            let next_speculation = (0..replicas.len())
+                .filter(|i| hopeful & (1 << i) != 0)
+                .filter_map(|i| speculate_at[i])
+                .min()
+                .filter(|_| spare);
+            let wake_at = next_speculation
+                .unwrap_or_else(|| Instant::now() + HEALTH_RECHECK)
+                .min(deadline);
+            match recv_until(&rx, wake_at).await {
+                Some((i, answer)) => {
+                    if waiting & (1 << i) == 0 {
                         continue;
                     }
-                    in_flight += 1;
-                    let (peers, key, tx) =
-                        (Rc::clone(&self.peers), Rc::clone(&key), Rc::clone(&tx));
-                    glommio::spawn_local(async move {
-                        let r = peers.read(&addr, &key, deadline).await.map_err(|_| ());
-                        let _ = tx.try_send((addr, r));
-                    })
-                    .detach();
+                    waiting &= !(1 << i);
+                    written_off &= !(1 << i);
+                    match answer {
+                        Ok((e, syncing)) => {
+                            if counts(&e, syncing) {
+                                tally.ok();
+                            } else {
+                                tally.fail();
+                            }
+                            answers.push((replicas[i].clone(), e));
+                        }
+                        Err(()) => {
+                            tally.fail();
+                        }
+                    }
                 }
-                None => return Err(Error::DeadlineExceeded),
+                None if Instant::now() >= deadline => return Err(Error::DeadlineExceeded),
+                None => {
+                    // Replicas past their speculative delay are written off, so the loop's
+                    // next turn asks one more for each; they may still answer and count.
+                    let now = Instant::now();
+                    for i in 0..replicas.len() {
+                        if spare
+                            && hopeful & (1 << i) != 0
+                            && speculate_at[i].is_some_and(|at| now >= at)
+                        {
+                            written_off |= 1 << i;
+                            self.speculative_retries
+                                .set(self.speculative_retries.get() + 1);
+                        }
+                    }
+                    // Replicas declared DOWN meanwhile will not answer at all.
+                    for (i, addr) in replicas.iter().enumerate() {
+                        if waiting & (1 << i) != 0 && self.is_down(addr) {
+                            waiting &= !(1 << i);
+                            written_off &= !(1 << i);
+                            tally.fail();
+                        }
+                    }
+                }
             }
         }
         drop(tx);
@@ -350,14 +469,14 @@ impl Coordinator {
             let this = Rc::clone(self);
             let newest = newest.clone();
             glommio::spawn_local(async move {
-                while let Some((addr, answer)) = recv_until(&rx, deadline).await {
+                while let Some((i, answer)) = recv_until(&rx, deadline).await {
                     let behind = match answer {
                         Ok((Some(e), _)) => e.version < newest.version,
                         Ok((None, _)) => true,
                         Err(()) => false,
                     };
                     if behind {
-                        this.repair(shard, addr, newest.clone(), deadline);
+                        this.repair(shard, replicas[i].clone(), newest.clone(), deadline);
                     }
                 }
             })

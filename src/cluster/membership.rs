@@ -169,6 +169,18 @@ impl MemberTable {
             .collect()
     }
 
+    /// The members that are not ALIVE, as the cores rank replicas by it (one that left is DOWN).
+    pub fn health(&self) -> super::snitch::Health {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.left || m.state != MemberState::Alive)
+            .map(|(a, m)| {
+                let state = if m.left { MemberState::Down } else { m.state };
+                (a.clone(), state)
+            })
+            .collect()
+    }
+
     pub fn members(&self) -> impl Iterator<Item = (&String, &MemberInfo)> {
         self.members.iter()
     }
@@ -232,14 +244,27 @@ pub struct MembershipSettings {
 }
 
 /// Runs membership on the current tokio runtime, forever. `on_ring` is called with every new
-/// ring.
+/// ring, `on_health` with the members' states whenever one changes (SUSPECT, DOWN, back up).
 pub async fn start(
     settings: MembershipSettings,
     socket: UdpSocket,
     view: SharedView,
     mut commands: mpsc::UnboundedReceiver<MembershipCmd>,
     on_ring: impl Fn(Ring) + Send + 'static,
+    on_health: impl Fn(super::snitch::Health) + Send + 'static,
 ) {
+    let mut last_health = super::snitch::Health::new();
+    let mut tell_health = move |view: &SharedView| {
+        let health = view
+            .lock()
+            .expect("membership view lock is never poisoned")
+            .table
+            .health();
+        if health != last_health {
+            last_health = health.clone();
+            on_health(health);
+        }
+    };
     let socket = Arc::new(socket);
     // The wall clock in microseconds: a restarted node always gets a higher incarnation.
     let incarnation = std::time::SystemTime::now()
@@ -347,6 +372,7 @@ pub async fn start(
         }
     }
     apply(actions, &view, &mut last_nodes, &socket, &timer_tx);
+    tell_health(&view);
 
     let mut buf = vec![0u8; 65536];
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -388,6 +414,7 @@ pub async fn start(
             },
         }
         apply(actions, &view, &mut last_nodes, &socket, &timer_tx);
+        tell_health(&view);
     }
 }
 
@@ -412,8 +439,17 @@ mod tests {
             t.ring_nodes(t0 + Duration::from_secs(61)),
             vec!["a:1", "b:1"]
         );
+        assert_eq!(
+            t.health().into_iter().collect::<Vec<_>>(),
+            vec![
+                ("b:1".to_string(), MemberState::Suspect),
+                ("c:1".to_string(), MemberState::Down)
+            ]
+        );
         // Back up: in again.
         t.up("c:1");
+        t.up("b:1");
+        assert!(t.health().is_empty());
         assert_eq!(
             t.ring_nodes(t0 + Duration::from_secs(61)),
             vec!["a:1", "b:1", "c:1"]

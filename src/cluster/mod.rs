@@ -8,6 +8,8 @@
 //! - [`antientropy`]: digest-tree comparison between replicas, and data movement on ring
 //!   changes (join, leave), on the side thread.
 //! - [`membership`]: SWIM (foca) over UDP on the side thread, and the member table.
+//! - [`snitch`]: per-core replica ranking by health and recent latency, and the speculative
+//!   retry delay.
 
 pub mod antientropy;
 pub mod coordinator;
@@ -16,3 +18,4 @@ pub mod membership;
 pub mod peer;
 pub mod replication;
 pub mod ring;
+pub mod snitch;

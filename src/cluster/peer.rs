@@ -3,6 +3,7 @@
 //! between cores and nothing locks. A broken connection is dropped and the next call dials
 //! again. Runs on the core's executor.
 
+use super::snitch::{CallEnd, PeerLatency, SpeculativeRetry};
 use crate::{
     engine::{command::ReplicaEntry, hlc::Version},
     ingress::io::{GlommioIo, LocalExec},
@@ -42,12 +43,19 @@ impl Service<http::Request<Body>> for PeerConn {
 }
 
 /// This core's connections to other nodes, by address (with the origin URI tonic wants, parsed
-/// once per connection rather than per call), and the outcome counts of its calls.
+/// once per connection rather than per call), and what its calls to each peer showed.
 #[derive(Default)]
 pub struct PeerClients {
     conns: RefCell<HashMap<String, (Sender, http::Uri)>>,
-    /// peer -> [ok, error, timeout]; plain counters, this core only.
-    outcomes: RefCell<HashMap<String, [u64; 3]>>,
+    calls: RefCell<HashMap<String, PeerCalls>>,
+}
+
+/// This core's record of its calls to one peer.
+#[derive(Default)]
+struct PeerCalls {
+    /// [ok, error, timeout]; plain counters, this core only.
+    outcomes: [u64; 3],
+    latency: PeerLatency,
 }
 
 /// Outcome labels of replica calls, in the order of the counters.
@@ -175,23 +183,23 @@ impl PeerClients {
             .await
             .map(tonic::Response::into_inner)
         };
+        let started = Instant::now();
+        self.with_calls(addr, |c| c.latency.started(started));
         let result = with_deadline(deadline, call).await;
-        let outcome = match &result {
-            Ok(_) => 0,
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => 2,
-            Err(_) => 1,
-        };
-        // Looked up before inserting: `entry` would allocate the key on every call.
-        let mut outcomes = self.outcomes.borrow_mut();
-        match outcomes.get_mut(addr) {
-            Some(counts) => counts[outcome] += 1,
-            None => {
-                let mut counts = [0; 3];
-                counts[outcome] = 1;
-                outcomes.insert(addr.to_string(), counts);
+        let (outcome, end) = match &result {
+            Ok(_) => (0, CallEnd::Answered),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => (2, CallEnd::TimedOut),
+            // A status the peer sent is an answer; one made here (refused, reset) is not.
+            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                (1, CallEnd::Failed)
             }
-        }
-        drop(outcomes);
+            Err(_) => (1, CallEnd::Answered),
+        };
+        let now = Instant::now();
+        self.with_calls(addr, |c| {
+            c.outcomes[outcome] += 1;
+            c.latency.ended(now, now - started, end);
+        });
         if let Err(status) = &result {
             if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
                 self.forget(addr);
@@ -200,11 +208,54 @@ impl PeerClients {
         result
     }
 
+    /// Runs `f` on this core's record of `addr`, made on first use. Looked up before
+    /// inserting: `entry` would allocate the key on every call.
+    fn with_calls<T>(&self, addr: &str, f: impl FnOnce(&mut PeerCalls) -> T) -> T {
+        let mut calls = self.calls.borrow_mut();
+        if let Some(c) = calls.get_mut(addr) {
+            return f(c);
+        }
+        f(calls.entry(addr.to_string()).or_default())
+    }
+
+    /// The peer's rank for reads at `now` (lower is better; see [`PeerLatency::score_us`]).
+    pub fn score_us(&self, addr: &str, now: Instant) -> f64 {
+        self.calls
+            .borrow()
+            .get(addr)
+            .map(|c| c.latency.score_us(now))
+            .unwrap_or(0.0)
+    }
+
+    /// How long a read waits for `addr` before asking another replica, under `policy`.
+    pub fn speculate_after(&self, addr: &str, policy: SpeculativeRetry) -> Option<Duration> {
+        self.with_calls(addr, |c| c.latency.speculate_after(policy))
+    }
+
+    /// (peer, score in seconds, speculative delay in seconds) for every peer this core called.
+    pub fn latency_scores(&self, policy: SpeculativeRetry) -> Vec<(String, f64, Option<f64>)> {
+        let now = Instant::now();
+        let mut out: Vec<_> = self
+            .calls
+            .borrow_mut()
+            .iter_mut()
+            .map(|(peer, c)| {
+                (
+                    peer.clone(),
+                    c.latency.score_us(now) / 1e6,
+                    c.latency.speculate_after(policy).map(|d| d.as_secs_f64()),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// (peer, outcome, count) of this core's replica calls so far.
     pub fn outcome_counts(&self) -> Vec<(String, &'static str, u64)> {
         let mut out = Vec::new();
-        for (peer, counts) in self.outcomes.borrow().iter() {
-            for (i, n) in counts.iter().enumerate() {
+        for (peer, c) in self.calls.borrow().iter() {
+            for (i, n) in c.outcomes.iter().enumerate() {
                 if *n > 0 {
                     out.push((peer.clone(), OUTCOMES[i], *n));
                 }

@@ -135,6 +135,10 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         read_repairs: std::cell::Cell::new(0),
         hints: Rc::new(Hints::new(config.hints.per_core(router.nr_cores()))),
         syncing: std::cell::RefCell::new(Rc::new(Default::default())),
+        health: std::cell::RefCell::new(Rc::new(Default::default())),
+        speculative: config.speculative_retry,
+        speculative_retries: Cell::new(0),
+        skipped_down: Cell::new(0),
     });
     if coordinator.hints.enabled() {
         let ring_of = Rc::clone(&coordinator);
@@ -327,6 +331,10 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
                 *ctx.coordinator.ring.borrow_mut() = Rc::new(*ring);
                 continue;
             }
+            side::ControlMsg::Health(health) => {
+                *ctx.coordinator.health.borrow_mut() = Rc::new((*health).clone());
+                continue;
+            }
             side::ControlMsg::Syncing(buckets) => {
                 *ctx.coordinator.syncing.borrow_mut() = Rc::new((*buckets).clone());
                 continue;
@@ -368,6 +376,12 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
         );
         snapshot.replica_calls = ctx.coordinator.peers.outcome_counts();
         snapshot.read_repairs = ctx.coordinator.read_repairs.get();
+        snapshot.speculative_retries = ctx.coordinator.speculative_retries.get();
+        snapshot.skipped_down = ctx.coordinator.skipped_down.get();
+        snapshot.peer_scores = ctx
+            .coordinator
+            .peers
+            .latency_scores(ctx.coordinator.speculative);
         snapshot.hints = ctx.coordinator.hints.counts();
         let _ = reply_tx.send(snapshot);
     }

@@ -49,6 +49,8 @@ pub enum ControlMsg {
     Drop(Arc<BucketSet>, oneshot::Sender<usize>),
     /// The buckets this node is still receiving.
     Syncing(Arc<BucketSet>),
+    /// The failure detector's verdicts on the other members.
+    Health(Arc<crate::cluster::snitch::Health>),
 }
 pub type ControlReceiver = mpsc::UnboundedReceiver<ControlMsg>;
 
@@ -489,6 +491,13 @@ impl SideThread {
                 match tokio::net::UdpSocket::from_std(gossip_socket) {
                     Ok(socket) => {
                         tokio::spawn(async move {
+                            let health_senders = ring_senders.clone();
+                            let on_health = move |health: crate::cluster::snitch::Health| {
+                                let health = Arc::new(health);
+                                for tx in &health_senders {
+                                    let _ = tx.send(ControlMsg::Health(Arc::clone(&health)));
+                                }
+                            };
                             let on_ring = move |ring: Ring| {
                                 for tx in &ring_senders {
                                     let _ = tx.send(ControlMsg::Ring(Box::new(ring.clone())));
@@ -501,6 +510,7 @@ impl SideThread {
                                 membership_view,
                                 membership_rx,
                                 on_ring,
+                                on_health,
                             )
                             .await;
                         });

@@ -124,6 +124,9 @@ impl CoreMetrics {
             panics,
             replica_calls: Vec::new(),
             read_repairs: 0,
+            speculative_retries: 0,
+            skipped_down: 0,
+            peer_scores: Vec::new(),
             hints: Default::default(),
         }
     }
@@ -171,6 +174,12 @@ pub struct CoreSnapshot {
     /// (peer, outcome, count) of replica calls this core made.
     pub replica_calls: Vec<(String, &'static str, u64)>,
     pub read_repairs: u64,
+    /// Reads that asked one more replica after one was slower than its speculative delay.
+    pub speculative_retries: u64,
+    /// Replicas left out of requests because the failure detector held them DOWN.
+    pub skipped_down: u64,
+    /// (peer, latency score in seconds, speculative delay in seconds) as this core sees them.
+    pub peer_scores: Vec<(String, f64, Option<f64>)>,
     pub hints: crate::cluster::hints::HintCounts,
 }
 
@@ -218,6 +227,19 @@ fn counter_family(
     let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn float_gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
     Ok(())
 }
@@ -378,6 +400,49 @@ impl Collector for SnapshotCollector {
             "cache_read_repairs",
             "Replicas brought up to date by reads, by coordinating core.",
             &per_core(&|c| c.read_repairs),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_speculative_retries",
+            "Reads that asked one more replica because one was slower than SPECULATIVE_RETRY, \
+             by coordinating core.",
+            &per_core(&|c| c.speculative_retries),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_replicas_skipped_down",
+            "Replicas left out of a request (writes hinted instead) because the failure \
+             detector held them DOWN, by coordinating core.",
+            &per_core(&|c| c.skipped_down),
+        )?;
+        let peer_rows = |f: &dyn Fn(f64, Option<f64>) -> Option<f64>| -> Vec<(Labels, f64)> {
+            cores
+                .iter()
+                .flat_map(|c| {
+                    c.peer_scores
+                        .iter()
+                        .filter_map(move |(peer, score, delay)| {
+                            let v = f(*score, *delay)?;
+                            Some((
+                                vec![("core", c.core.to_string()), ("peer", peer.clone())],
+                                v,
+                            ))
+                        })
+                })
+                .collect()
+        };
+        float_gauge_family(
+            &mut encoder,
+            "cache_peer_latency_score_seconds",
+            "How a core ranks a peer for reads (lower is asked first): its recent latency, or \
+             how long it has been silent with calls outstanding if longer, plus recent failures.",
+            &peer_rows(&|score, _| Some(score)),
+        )?;
+        float_gauge_family(
+            &mut encoder,
+            "cache_peer_speculative_delay_seconds",
+            "How long a read waiting for this peer waits before asking another replica.",
+            &peer_rows(&|_, delay| delay),
         )?;
         let hints: Vec<(Labels, u64)> = cores
             .iter()

@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod cluster;
 mod config;
+mod degraded;
 mod grpcurl;
 mod limits;
 mod metrics;

@@ -25,7 +25,7 @@ pub fn scrape(addr: &str) -> String {
 }
 
 /// Sum of the samples of `name` whose labels include every `want` pair.
-fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+pub fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
