@@ -104,7 +104,7 @@ impl Coordinator {
 
     /// The key's replicas, this node first when it is one, then the others by health and
     /// recent latency (the fastest first; SUSPECT ones last), with the DOWN ones left out:
-    /// (in asking order, how many DOWN were left out).
+    /// (the live ones in asking order, the DOWN ones).
     fn rank(&self, ring: &Ring, key: &[u8], health: &Health) -> (Vec<String>, Vec<String>) {
         let now = Instant::now();
         let mut live: Vec<(bool, f64, String)> = Vec::with_capacity(ring.replication_factor());
@@ -168,7 +168,8 @@ impl Coordinator {
         let (tx, rx) = local_channel::new_unbounded::<(usize, Result<(bool, bool), ()>)>();
         let tx = Rc::new(tx);
         let entry = Rc::new(entry);
-        // Which of `live` are still being waited for (a bit each; RF is far below 64).
+        // Which of `live` are still being waited for (a bit each: REPLICATION_FACTOR is at most
+        // 64, config.rs).
         let mut waiting: u64 = 0;
         for (i, addr) in live.iter().enumerate() {
             if *addr == self.me {
@@ -429,11 +430,8 @@ impl Coordinator {
                     // Replicas past their speculative delay are written off, so the loop's
                     // next turn asks one more for each; they may still answer and count.
                     let now = Instant::now();
-                    for i in 0..replicas.len() {
-                        if spare
-                            && hopeful & (1 << i) != 0
-                            && speculate_at[i].is_some_and(|at| now >= at)
-                        {
+                    for (i, at) in speculate_at.iter().enumerate() {
+                        if spare && hopeful & (1 << i) != 0 && at.is_some_and(|at| now >= at) {
                             written_off |= 1 << i;
                             self.speculative_retries
                                 .set(self.speculative_retries.get() + 1);

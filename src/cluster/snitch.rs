@@ -84,11 +84,11 @@ impl std::str::FromStr for SpeculativeRetry {
     }
 }
 
-/// Latency buckets: four per power of two of microseconds, up to 2^28 us (about 4.5 minutes).
+/// Latency buckets: four per power of two of microseconds, up to 2^29 us (about 9 minutes).
 const BUCKETS: usize = 4 * 28;
 /// Every this many samples the histogram's counts are halved, so it follows the last few
 /// hundred calls rather than the node's whole life.
-const DECAY_EVERY: u32 = 512;
+const DECAY_EVERY: u32 = 256;
 /// The cached percentile is recomputed after this many samples.
 const REQUANTILE_EVERY: u32 = 16;
 /// Weight of a new sample in the moving average (as TCP's smoothed RTT).
@@ -103,9 +103,10 @@ fn bucket_of(us: u64) -> usize {
     if us < 4 {
         return us as usize;
     }
+    // From 4 on, the octave (>= 2) and the two bits after its leading one.
     let octave = 63 - us.leading_zeros() as usize;
     let sub = ((us >> (octave - 2)) & 3) as usize;
-    (octave * 4 + sub).min(BUCKETS - 1)
+    ((octave - 1) * 4 + sub).min(BUCKETS - 1)
 }
 
 /// The largest value that falls in bucket `i`.
@@ -113,7 +114,7 @@ fn bucket_top_us(i: usize) -> u64 {
     if i < 4 {
         return i as u64;
     }
-    let (octave, sub) = (i / 4, (i % 4) as u64);
+    let (octave, sub) = (i / 4 + 1, (i % 4) as u64);
     ((4 + sub + 1) << (octave - 2)) - 1
 }
 
