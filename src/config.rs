@@ -42,6 +42,13 @@ struct RawEnv {
     anti_entropy_interval: Option<String>,
     anti_entropy: Option<String>,
     speculative_retry: Option<String>,
+    http2_handshake_timeout: Option<String>,
+    http2_idle_timeout: Option<String>,
+    http2_max_resets_per_sec: Option<String>,
+    http2_max_control_frames_per_sec: Option<String>,
+    http2_conn_reply_buffer: Option<String>,
+    http2_core_reply_buffer: Option<String>,
+    max_connections: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +97,11 @@ pub struct Config {
     pub anti_entropy_interval: Option<Duration>,
     /// When a read waiting for a slow replica asks one more (SPECULATIVE_RETRY).
     pub speculative_retry: crate::cluster::snitch::SpeculativeRetry,
+    /// Each client connection's bounds (HTTP2_* variables).
+    pub http2: crate::ingress::http2::Limits,
+    /// Client connections the node serves at once (split over its cores); more are turned
+    /// away with GOAWAY.
+    pub max_connections: usize,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -145,6 +157,23 @@ fn parse_secs(
 }
 
 /// An on/off variable, on by default.
+/// Connections the process's open-file limit leaves room for: each takes two descriptors (the
+/// socket and the handle kept for its lingering close), and a few hundred stay for peers,
+/// gossip, metrics and io_uring.
+fn default_max_connections() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    (soft.min(1 << 20).saturating_sub(256) / 2).max(1)
+}
+
 fn parse_switch(var: &'static str, raw: &Option<String>) -> Result<bool, ConfigError> {
     match raw.as_deref().map(str::trim) {
         None | Some("") | Some("on") | Some("true") | Some("1") => Ok(true),
@@ -395,7 +424,56 @@ impl Config {
                 .map_err(|reason: String| invalid("SPECULATIVE_RETRY", value, reason))?,
         };
 
+        let default_limits = crate::ingress::http2::Limits::default();
+        let u32_of = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let conn_reply_bytes = parse_u64(
+            "HTTP2_CONN_REPLY_BUFFER",
+            &raw.http2_conn_reply_buffer,
+            (default_limits.conn_reply_bytes as u64).max(max_send + (64 << 10)),
+            max_send + 5,
+        )?;
+        let http2 = crate::ingress::http2::Limits {
+            handshake_timeout: parse_secs(
+                "HTTP2_HANDSHAKE_TIMEOUT",
+                &raw.http2_handshake_timeout,
+                default_limits.handshake_timeout,
+            )?,
+            idle_timeout: parse_secs(
+                "HTTP2_IDLE_TIMEOUT",
+                &raw.http2_idle_timeout,
+                default_limits.idle_timeout,
+            )?,
+            resets_per_sec: u32_of(parse_u64(
+                "HTTP2_MAX_RESETS_PER_SEC",
+                &raw.http2_max_resets_per_sec,
+                default_limits.resets_per_sec as u64,
+                1,
+            )?),
+            control_frames_per_sec: u32_of(parse_u64(
+                "HTTP2_MAX_CONTROL_FRAMES_PER_SEC",
+                &raw.http2_max_control_frames_per_sec,
+                default_limits.control_frames_per_sec as u64,
+                1,
+            )?),
+            conn_reply_bytes: usize::try_from(conn_reply_bytes).unwrap_or(usize::MAX),
+            core_reply_bytes: usize::try_from(parse_u64(
+                "HTTP2_CORE_REPLY_BUFFER",
+                &raw.http2_core_reply_buffer,
+                (default_limits.core_reply_bytes as u64).max(conn_reply_bytes),
+                conn_reply_bytes,
+            )?)
+            .unwrap_or(usize::MAX),
+        };
+        let max_connections = parse_u64(
+            "MAX_CONNECTIONS",
+            &raw.max_connections,
+            default_max_connections(),
+            1,
+        )?;
+
         Ok(Config {
+            http2,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             speculative_retry,
             anti_entropy_interval: anti_entropy.then_some(anti_entropy_interval),
             hints: crate::cluster::hints::HintLimits {
@@ -541,6 +619,13 @@ mod tests {
             ("ANTI_ENTROPY_INTERVAL", "often"),
             ("ANTI_ENTROPY", "sometimes"),
             ("SPECULATIVE_RETRY", "p100"),
+            ("HTTP2_HANDSHAKE_TIMEOUT", "0"),
+            ("HTTP2_IDLE_TIMEOUT", "never"),
+            ("HTTP2_MAX_RESETS_PER_SEC", "0"),
+            ("HTTP2_MAX_CONTROL_FRAMES_PER_SEC", "many"),
+            ("HTTP2_CONN_REPLY_BUFFER", "1000"),
+            ("HTTP2_CORE_REPLY_BUFFER", "1000"),
+            ("MAX_CONNECTIONS", "0"),
             ("SPECULATIVE_RETRY", "soon"),
         ];
         for (var, value) in cases {

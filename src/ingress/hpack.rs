@@ -48,13 +48,19 @@ impl Decoder {
     /// Decodes one whole header block, handing each field to `f` in order.
     pub fn decode(&mut self, block: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<(), Error> {
         let mut pos = 0;
+        // Size updates may only open a block (RFC 7541, 4.2).
+        let mut fields = false;
         while pos < block.len() {
             let first = block[pos];
+            fields |= first & 0xe0 != 0x20;
             if first & 0x80 != 0 {
                 let index = int(block, &mut pos, 7)?;
                 let (name, value) = self.get(index)?;
                 f(name, value);
             } else if first & 0xe0 == 0x20 {
+                if fields {
+                    return Err(Error("table size update after a field"));
+                }
                 let size = int(block, &mut pos, 5)?;
                 if size > self.limit {
                     return Err(Error("table size update over the limit"));
@@ -439,7 +445,7 @@ mod tests {
 
     #[test]
     fn bad_blocks_are_errors_not_panics() {
-        let bad: [&[u8]; 8] = [
+        let bad: [&[u8]; 9] = [
             &[0x80],                               // index 0
             &[0x80 | 62],                          // empty dynamic table
             &[0xff, 0xff, 0xff, 0xff, 0x7f],       // index past everything
@@ -448,6 +454,7 @@ mod tests {
             &[0x00, 0x84, 0xff, 0xff, 0xff, 0xff], // Huffman: EOS
             &[0x3f, 0xe2, 0x1f],                   // size update over 4096
             &[0xff, 0x80, 0x80, 0x80, 0x80, 0x80], // integer too large
+            &[0x82, 0x20],                         // size update after a field
         ];
         for block in bad {
             assert!(ours(&mut Decoder::new(4096), block).is_err(), "{block:x?}");

@@ -62,6 +62,120 @@ const BUDGET: usize = 16;
 const MAX_WINDOW: i64 = (1 << 31) - 1;
 /// The protocol's default initial window.
 const DEFAULT_WINDOW: i64 = 65_535;
+/// Entries one SETTINGS frame may carry: RFC 9113 defines seven settings, and nghttp2 refuses
+/// frames of more than 32 entries for the same reason (each may touch every open stream).
+const MAX_SETTINGS_ENTRIES: usize = 32;
+/// Requests forwarded to the side thread at once per connection (reflection, health, Stats): a
+/// few are all a real client opens, and each may buffer up to a stream window of request body.
+const MAX_FORWARDED: usize = 16;
+/// Streams we reset whose ids are remembered, so that frames the client sent before it saw
+/// the reset are ignored rather than taken for a reuse of a closed stream id.
+const RECENTLY_RESET: usize = 64;
+
+/// A connection's bounds, the same for every connection of the node (HTTP2_* variables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to receive the client's preface after accepting the connection.
+    pub handshake_timeout: Duration,
+    /// Time without a byte read or written and with no call under way before GOAWAY.
+    pub idle_timeout: Duration,
+    /// RST_STREAM frames a client may send per second (and at once) before GOAWAY
+    /// ENHANCE_YOUR_CALM: the Rapid Reset attack (CVE-2023-44487) is many of them.
+    pub resets_per_sec: u32,
+    /// SETTINGS and PING frames per second (and at once), each of which costs us an answer.
+    pub control_frames_per_sec: u32,
+    /// Reply bytes one connection may hold for a client that does not read them; beyond it,
+    /// a call's answer is replaced by RESOURCE_EXHAUSTED.
+    pub conn_reply_bytes: usize,
+    /// The same over every connection of a core.
+    pub core_reply_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(180),
+            resets_per_sec: 1000,
+            control_frames_per_sec: 1000,
+            conn_reply_bytes: 16 << 20,
+            core_reply_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What a connection counts for the metrics (by the Service, per core).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// GOAWAY ENHANCE_YOUR_CALM for too many RST_STREAM frames.
+    ResetFlood,
+    /// GOAWAY ENHANCE_YOUR_CALM for too many SETTINGS/PING frames, or an oversized SETTINGS.
+    ControlFlood,
+    /// A reply replaced by RESOURCE_EXHAUSTED: the client holds too many unread.
+    ReplyRefused,
+    /// A stream refused: MAX_CONCURRENT_STREAMS, or too many forwarded requests.
+    StreamRefused,
+    /// Closed for not sending its preface within the handshake timeout.
+    HandshakeTimeout,
+    /// GOAWAY after the idle timeout.
+    IdleTimeout,
+    /// A connection error we answered with GOAWAY (protocol, flow control, compression).
+    ProtocolError,
+}
+
+impl Event {
+    pub const ALL: [Event; 7] = [
+        Event::ResetFlood,
+        Event::ControlFlood,
+        Event::ReplyRefused,
+        Event::StreamRefused,
+        Event::HandshakeTimeout,
+        Event::IdleTimeout,
+        Event::ProtocolError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::ResetFlood => "reset_flood",
+            Event::ControlFlood => "control_flood",
+            Event::ReplyRefused => "reply_refused",
+            Event::StreamRefused => "stream_refused",
+            Event::HandshakeTimeout => "handshake_timeout",
+            Event::IdleTimeout => "idle_timeout",
+            Event::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+/// A token bucket of `rate` per second holding at most `rate`: the frames a client may send
+/// in a burst and then per second.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        Bucket {
+            tokens: rate as f64,
+            rate: rate as f64,
+            at: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 mod frame {
     pub const DATA: u8 = 0x0;
@@ -105,6 +219,16 @@ pub trait Service {
     fn max_recv_msg_bytes(&self) -> usize;
     /// RPC_TIMEOUT, the deadline of a request without `grpc-timeout`.
     fn rpc_timeout(&self) -> Duration;
+    /// The connection's bounds.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    /// Reply bytes held by every connection of this core (each connection adds its own).
+    fn core_reply_bytes(&self) -> Option<&std::cell::Cell<usize>> {
+        None
+    }
+    /// Counts `event`.
+    fn count(&self, _event: Event) {}
 }
 
 pub type Forwarded = Pin<Box<dyn Future<Output = http::Response<Body>>>>;
@@ -125,14 +249,22 @@ pub async fn serve<S: Service>(
     io: glommio::net::TcpStream,
     shutdown: Pin<Box<dyn Future<Output = ()>>>,
 ) -> Ended {
+    let limits = svc.limits();
+    let now = Instant::now();
     let mut conn = Connection {
         proto: Proto::new(svc),
         io,
         shutdown: Some(shutdown),
         hold: None,
         holding: false,
+        limits,
+        timeout: glommio::timer::Timer::new(limits.handshake_timeout),
+        last_activity: now,
+        reported_reply_bytes: 0,
     };
-    std::future::poll_fn(|cx| conn.poll(cx)).await
+    let ended = std::future::poll_fn(|cx| conn.poll(cx)).await;
+    conn.report_reply_bytes(0);
+    ended
 }
 
 struct Connection<S: Service> {
@@ -142,9 +274,54 @@ struct Connection<S: Service> {
     /// Bounds the wait of held output; made once, reset for each wait.
     hold: Option<glommio::timer::Timer>,
     holding: bool,
+    limits: Limits,
+    /// The handshake timeout until the preface is in, then the idle check (re-armed when it
+    /// fires rather than on every read: a reset per read would cost the request path).
+    timeout: glommio::timer::Timer,
+    /// The last time a byte was read or written.
+    last_activity: Instant,
+    /// What this connection last added to its core's count of held reply bytes.
+    reported_reply_bytes: usize,
 }
 
 impl<S: Service> Connection<S> {
+    /// Moves this connection's share of its core's held reply bytes to `held`.
+    fn report_reply_bytes(&mut self, held: usize) {
+        if held == self.reported_reply_bytes {
+            return;
+        }
+        if let Some(core) = self.proto.svc.core_reply_bytes() {
+            core.set(core.get().saturating_sub(self.reported_reply_bytes) + held);
+        }
+        self.reported_reply_bytes = held;
+    }
+
+    /// The handshake and idle timeouts: Some when the connection is to end.
+    fn poll_timeout(&mut self, cx: &mut Context<'_>) -> Option<Ended> {
+        if Pin::new(&mut self.timeout).poll(cx).is_pending() {
+            return None;
+        }
+        let now = Instant::now();
+        if !self.proto.preface {
+            self.proto.svc.count(Event::HandshakeTimeout);
+            return Some(Ended::Closed);
+        }
+        let idle_for = now.saturating_duration_since(self.last_activity);
+        if idle_for >= self.limits.idle_timeout && !self.proto.working() {
+            self.proto.svc.count(Event::IdleTimeout);
+            self.proto.close_with(code::NO_ERROR);
+            return None;
+        }
+        let left = self.limits.idle_timeout.saturating_sub(idle_for);
+        self.timeout.reset(
+            left.max(self.limits.idle_timeout / 8)
+                .max(Duration::from_millis(10)),
+        );
+        // The fresh deadline must be registered with this task's waker.
+        let _ = Pin::new(&mut self.timeout).poll(cx);
+        None
+    }
+
     /// Whether to keep the output back for now: calls are still under way and HOLD has not
     /// passed since it was first kept back.
     fn hold_output(&mut self, cx: &mut Context<'_>) -> bool {
@@ -170,7 +347,17 @@ impl<S: Service> Connection<S> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        let ended = self.poll_inner(cx);
+        let held = self.proto.reply_bytes();
+        self.report_reply_bytes(held);
+        ended
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
         use futures_lite::{AsyncRead, AsyncWrite};
+        if let Some(ended) = self.poll_timeout(cx) {
+            return Poll::Ready(ended);
+        }
         for _ in 0..BUDGET {
             let mut busy = false;
             if let Some(shutdown) = &mut self.shutdown {
@@ -185,7 +372,9 @@ impl<S: Service> Connection<S> {
                 match Pin::new(&mut self.io).poll_read(cx, self.proto.room()) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ended::Closed),
                     Poll::Ready(Ok(n)) => {
-                        self.proto.received(n, Instant::now());
+                        let now = Instant::now();
+                        self.last_activity = now;
+                        self.proto.received(n, now);
                         busy = true;
                     }
                     Poll::Pending => {}
@@ -196,7 +385,10 @@ impl<S: Service> Connection<S> {
             while !hold && !self.proto.output().is_empty() {
                 match Pin::new(&mut self.io).poll_write(cx, self.proto.output()) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ended::Closed),
-                    Poll::Ready(Ok(n)) => self.proto.sent(n),
+                    Poll::Ready(Ok(n)) => {
+                        self.proto.sent(n);
+                        self.last_activity = Instant::now();
+                    }
                     Poll::Pending => break,
                 }
             }
@@ -221,10 +413,43 @@ struct Stream {
     recv: Recv,
     /// Request bytes received on this stream since its window was last replenished.
     recv_unacked: u32,
+    /// What the client may still send on it: more is a FLOW_CONTROL_ERROR.
+    recv_window: i64,
     send_window: i64,
     out: Out,
     /// In `Proto::blocked`, waiting for window.
     blocked: bool,
+    /// Reset by the client while its call was under way: it still counts against
+    /// MAX_CONCURRENT_STREAMS until the call ends (the Rapid Reset attack relies on a reset
+    /// freeing the slot at once), and nothing is sent on it.
+    reset: bool,
+    /// The request's content-length, checked against its DATA at END_STREAM.
+    content_length: Option<u64>,
+    body_bytes: u64,
+}
+
+impl Stream {
+    fn new(recv: Recv, send_window: i64) -> Self {
+        Stream {
+            recv,
+            recv_unacked: 0,
+            recv_window: STREAM_WINDOW as i64,
+            send_window,
+            out: Out::Waiting,
+            blocked: false,
+            reset: false,
+            content_length: None,
+            body_bytes: 0,
+        }
+    }
+}
+
+/// How much of a forwarded request's body the side thread has consumed, so that its window
+/// is granted as the receiver reads, not as bytes arrive.
+#[derive(Default)]
+struct SideFlow {
+    consumed: std::sync::atomic::AtomicUsize,
+    waker: futures_util::task::AtomicWaker,
 }
 
 enum Recv {
@@ -235,8 +460,13 @@ enum Recv {
         start: Instant,
         held: Vec<u8>,
     },
-    /// A request the side thread serves: its body's sender.
-    Side(tokio::sync::mpsc::UnboundedSender<Bytes>),
+    /// A request the side thread serves: its body's sender, how much of it was consumed, and
+    /// how much of that the client has been granted back.
+    Side(
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        std::sync::Arc<SideFlow>,
+        usize,
+    ),
     /// END_STREAM received, or the request refused.
     Closed,
 }
@@ -244,6 +474,8 @@ enum Recv {
 enum Out {
     /// Waiting for the call's answer.
     Waiting,
+    /// Waiting for the side thread's response (dropping it cancels the forwarded request).
+    Forwarded(Forwarded),
     /// Sending `data` as the windows allow, then `then`.
     Sending { data: Bytes, then: Then },
     /// The side thread's response body, polled for its next frame.
@@ -284,11 +516,22 @@ struct Proto<S: Service> {
     /// answered on this core at once costs no more than that poll.
     fresh: Vec<(u32, Call)>,
     calls: FuturesUnordered<Tagged<Call>>,
-    side_calls: FuturesUnordered<Tagged<Forwarded>>,
+    /// Streams waiting for the side thread's response.
+    forwarded: Vec<u32>,
     /// Streams whose response body is polled for more.
     bodies: Vec<u32>,
     /// GOAWAY sent: the last stream id it let through, and whether for an error.
     going_away: Option<(u32, bool)>,
+    limits: Limits,
+    resets: Bucket,
+    control: Bucket,
+    /// Ids of streams we reset, newest last (a ring).
+    reset_ids: [u32; RECENTLY_RESET],
+    reset_pos: usize,
+    /// Reply bytes waiting in streams' `Out::Sending` for window.
+    sending_bytes: usize,
+    /// What the client may still send on the connection.
+    conn_recv_window: i64,
 }
 
 /// A future with the stream it answers.
@@ -322,6 +565,9 @@ struct Head {
     /// Bytes of the decoded list, as MAX_HEADER_LIST counts them.
     size: usize,
     malformed: bool,
+    /// PSEUDO_* bits of the pseudo-header fields present.
+    pseudo: u8,
+    content_length: Option<u64>,
 }
 
 impl Head {
@@ -333,7 +579,16 @@ impl Head {
 
 impl<S: Service> Proto<S> {
     fn new(svc: S) -> Self {
+        let limits = svc.limits();
+        let now = Instant::now();
         Self {
+            limits,
+            resets: Bucket::new(limits.resets_per_sec, now),
+            control: Bucket::new(limits.control_frames_per_sec, now),
+            reset_ids: [0; RECENTLY_RESET],
+            reset_pos: 0,
+            sending_bytes: 0,
+            conn_recv_window: DEFAULT_WINDOW,
             svc,
             rbuf: vec![0; RECV_BUFFER],
             rstart: 0,
@@ -353,7 +608,7 @@ impl<S: Service> Proto<S> {
             blocked: Vec::new(),
             fresh: Vec::new(),
             calls: FuturesUnordered::new(),
-            side_calls: FuturesUnordered::new(),
+            forwarded: Vec::new(),
             bodies: Vec::new(),
             going_away: None,
         }
@@ -361,6 +616,29 @@ impl<S: Service> Proto<S> {
 
     fn calls_pending(&self) -> bool {
         !self.calls.is_empty()
+    }
+
+    /// Whether anything is under way that the idle timeout must wait for.
+    fn working(&self) -> bool {
+        !self.calls.is_empty()
+            || !self.fresh.is_empty()
+            || !self.forwarded.is_empty()
+            || !self.bodies.is_empty()
+    }
+
+    /// Reply bytes this connection holds for its client: written and not yet sent, or
+    /// waiting for window.
+    fn reply_bytes(&self) -> usize {
+        self.wbuf.len() - self.wpos + self.sending_bytes
+    }
+
+    /// Removes a stream, dropping whatever it still had under way or to send.
+    fn drop_stream(&mut self, id: u32) {
+        if let Some(stream) = self.streams.remove(&id) {
+            if let Out::Sending { data, .. } = &stream.out {
+                self.sending_bytes -= data.len();
+            }
+        }
     }
 
     fn wants_input(&self) -> bool {
@@ -456,6 +734,7 @@ impl<S: Service> Proto<S> {
             self.wbuf.extend_from_slice(&value.to_be_bytes());
         }
         put_window_update(&mut self.wbuf, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
+        self.conn_recv_window = CONNECTION_WINDOW as i64;
     }
 
     fn frame(&mut self, kind: u8, flags: u8, id: u32, payload: &[u8], now: Instant) {
@@ -472,7 +751,7 @@ impl<S: Service> Proto<S> {
                     return self.go_away(code::PROTOCOL_ERROR);
                 };
                 if block.len() + payload.len() > MAX_HEADER_LIST {
-                    return self.go_away(code::ENHANCE_YOUR_CALM);
+                    return self.calm_down(Event::ControlFlood);
                 }
                 block.extend_from_slice(payload);
                 if flags & frame::END_HEADERS != 0 {
@@ -481,20 +760,26 @@ impl<S: Service> Proto<S> {
                     self.continuation = Some((sid, hflags, block));
                 }
             }
-            frame::PRIORITY => {}
-            frame::RST_STREAM => {
-                if id == 0 || payload.len() != 4 {
-                    return self.go_away(code::PROTOCOL_ERROR);
+            frame::PRIORITY => self.priority(id, payload),
+            frame::RST_STREAM => self.peer_reset(id, payload, now),
+            frame::SETTINGS => {
+                if flags & frame::ACK == 0 && !self.control.take(now) {
+                    return self.calm_down(Event::ControlFlood);
                 }
-                self.streams.remove(&id);
+                self.settings(flags, id, payload)
             }
-            frame::SETTINGS => self.settings(flags, id, payload),
             frame::PUSH_PROMISE => self.go_away(code::PROTOCOL_ERROR),
             frame::PING => {
-                if id != 0 || payload.len() != 8 {
+                if id != 0 {
+                    return self.go_away(code::PROTOCOL_ERROR);
+                }
+                if payload.len() != 8 {
                     return self.go_away(code::FRAME_SIZE_ERROR);
                 }
                 if flags & frame::ACK == 0 {
+                    if !self.control.take(now) {
+                        return self.calm_down(Event::ControlFlood);
+                    }
                     put_frame_header(&mut self.wbuf, 8, frame::PING, frame::ACK, 0);
                     self.wbuf.extend_from_slice(payload);
                 }
@@ -506,14 +791,72 @@ impl<S: Service> Proto<S> {
         }
     }
 
+    /// PRIORITY is advisory and ignored, but validated (RFC 9113, 6.3 and 5.3.1).
+    fn priority(&mut self, id: u32, payload: &[u8]) {
+        if id == 0 {
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        if payload.len() != 5 {
+            return self.stream_error(id, code::FRAME_SIZE_ERROR);
+        }
+        let depends_on = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        if depends_on & 0x7fff_ffff == id {
+            self.stream_error(id, code::PROTOCOL_ERROR);
+        }
+    }
+
+    /// A stream error: the stream ends with RST_STREAM `error`, the connection goes on.
+    fn stream_error(&mut self, id: u32, error: u32) {
+        self.drop_stream(id);
+        self.reset(id, error);
+    }
+
+    fn peer_reset(&mut self, id: u32, payload: &[u8], now: Instant) {
+        if id == 0 {
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        if payload.len() != 4 {
+            return self.go_away(code::FRAME_SIZE_ERROR);
+        }
+        if id > self.last_id {
+            // Idle: nothing to reset (RFC 9113, 5.1).
+            return self.go_away(code::PROTOCOL_ERROR);
+        }
+        if !self.resets.take(now) {
+            return self.calm_down(Event::ResetFlood);
+        }
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if matches!(stream.out, Out::Waiting) && matches!(stream.recv, Recv::Closed) {
+            // Its call is under way: the slot stays taken until the call ends.
+            stream.reset = true;
+            return;
+        }
+        // Anything else is dropped now: a forwarded request's response future (which cancels
+        // it), a body being streamed, a request not complete yet.
+        self.drop_stream(id);
+    }
+
+    /// GOAWAY ENHANCE_YOUR_CALM: the client sends more of something than any client needs.
+    fn calm_down(&mut self, why: Event) {
+        self.svc.count(why);
+        self.close_with(code::ENHANCE_YOUR_CALM);
+    }
+
     fn data(&mut self, flags: u8, id: u32, payload: &[u8]) {
         if id == 0 {
             return self.go_away(code::PROTOCOL_ERROR);
         }
         // The whole frame counts against the connection window, padding included.
+        self.conn_recv_window -= payload.len() as i64;
+        if self.conn_recv_window < 0 {
+            return self.go_away(code::FLOW_CONTROL_ERROR);
+        }
         self.conn_recv_unacked += payload.len() as u32;
         if self.conn_recv_unacked >= CONNECTION_WINDOW / 2 {
             let n = std::mem::take(&mut self.conn_recv_unacked);
+            self.conn_recv_window += n as i64;
             put_window_update(&mut self.wbuf, 0, n);
         }
         let Some(data) = unpad(flags, payload) else {
@@ -527,10 +870,30 @@ impl<S: Service> Proto<S> {
             // Else a stream already answered or reset: frames the peer sent before it knew.
             return;
         };
-        stream.recv_unacked += payload.len() as u32;
-        if !end && stream.recv_unacked >= STREAM_WINDOW / 2 {
-            let n = std::mem::take(&mut stream.recv_unacked);
-            put_window_update(&mut self.wbuf, id, n);
+        if stream.reset {
+            return;
+        }
+        stream.recv_window -= payload.len() as i64;
+        if stream.recv_window < 0 {
+            return self.stream_error(id, code::FLOW_CONTROL_ERROR);
+        }
+        stream.body_bytes += data.len() as u64;
+        if end
+            && stream
+                .content_length
+                .is_some_and(|n| n != stream.body_bytes)
+        {
+            return self.stream_error(id, code::PROTOCOL_ERROR);
+        }
+        if !matches!(stream.recv, Recv::Side(..)) {
+            // Our own calls consume what arrives as it arrives (bounded by MAX_RECV_MSG_SIZE);
+            // a forwarded request's window comes back as the side thread reads it.
+            stream.recv_unacked += payload.len() as u32;
+            if !end && stream.recv_unacked >= STREAM_WINDOW / 2 {
+                let n = std::mem::take(&mut stream.recv_unacked);
+                stream.recv_window += n as i64;
+                put_window_update(&mut self.wbuf, id, n);
+            }
         }
         let limit = self.svc.max_recv_msg_bytes();
         match &mut stream.recv {
@@ -565,10 +928,17 @@ impl<S: Service> Proto<S> {
                     Err(status) => self.write_status(id, status),
                 }
             }
-            Recv::Side(tx) => {
-                if !data.is_empty() {
+            Recv::Side(tx, flow, _) => {
+                if data.is_empty() {
+                    // Padding and empty frames are consumed at once.
+                    flow.consumed
+                        .fetch_add(payload.len(), std::sync::atomic::Ordering::Relaxed);
+                } else {
                     // The side thread may be gone (shutting down): its response says so.
                     let _ = tx.send(Bytes::copy_from_slice(data));
+                    let padding = payload.len() - data.len();
+                    flow.consumed
+                        .fetch_add(padding, std::sync::atomic::Ordering::Relaxed);
                 }
                 if end {
                     stream.recv = Recv::Closed;
@@ -576,8 +946,7 @@ impl<S: Service> Proto<S> {
                 }
             }
             Recv::Closed => {
-                self.streams.remove(&id);
-                self.reset(id, code::STREAM_CLOSED);
+                self.stream_error(id, code::STREAM_CLOSED);
             }
         }
     }
@@ -589,10 +958,13 @@ impl<S: Service> Proto<S> {
         let Some(mut block) = unpad(flags, payload) else {
             return self.go_away(code::PROTOCOL_ERROR);
         };
+        let mut self_dependent = false;
         if flags & frame::PRIORITY_FLAG != 0 {
             if block.len() < 5 {
                 return self.go_away(code::PROTOCOL_ERROR);
             }
+            let depends_on = u32::from_be_bytes([block[0], block[1], block[2], block[3]]);
+            self_dependent = depends_on & 0x7fff_ffff == id;
             block = &block[5..];
         }
         if flags & frame::END_HEADERS == 0 {
@@ -600,6 +972,9 @@ impl<S: Service> Proto<S> {
             return;
         }
         self.header_block(flags, id, block, now);
+        if self_dependent && self.streams.contains_key(&id) {
+            self.stream_error(id, code::PROTOCOL_ERROR);
+        }
     }
 
     fn header_block(&mut self, flags: u8, id: u32, block: &[u8], now: Instant) {
@@ -611,26 +986,60 @@ impl<S: Service> Proto<S> {
             if head.size > MAX_HEADER_LIST {
                 return;
             }
+            head.malformed |= !valid_value(value);
             if name.first() == Some(&b':') {
                 head.malformed |= regular;
-                match name {
-                    b":method" if value != b"POST" => match http::Method::from_bytes(value) {
-                        Ok(verb) => head.verb = Some(verb),
-                        Err(_) => head.malformed = true,
-                    },
-                    b":path" => match Method::of_path(value) {
-                        Some(m) => head.method = Some(m),
-                        None => head.path = Some(value.to_vec()),
-                    },
-                    b":authority" => head.authority = Some(value.to_vec()),
-                    _ => {}
-                }
+                let seen = match name {
+                    b":method" => {
+                        if value != b"POST" {
+                            match http::Method::from_bytes(value) {
+                                Ok(verb) => head.verb = Some(verb),
+                                Err(_) => head.malformed = true,
+                            }
+                        }
+                        PSEUDO_METHOD
+                    }
+                    b":path" => {
+                        match Method::of_path(value) {
+                            Some(m) => head.method = Some(m),
+                            None => head.path = Some(value.to_vec()),
+                        }
+                        head.malformed |= value.is_empty();
+                        PSEUDO_PATH
+                    }
+                    b":authority" => {
+                        head.authority = Some(value.to_vec());
+                        PSEUDO_AUTHORITY
+                    }
+                    b":scheme" => PSEUDO_SCHEME,
+                    _ => {
+                        head.malformed = true;
+                        0
+                    }
+                };
+                // Each at most once.
+                head.malformed |= head.pseudo & seen != 0;
+                head.pseudo |= seen;
                 return;
             }
             regular = true;
+            head.malformed |= !valid_name(name);
             match name {
                 b"grpc-timeout" => head.timeout = super::grpc::parse_grpc_timeout(value),
                 b"grpc-encoding" => head.encoding = Some(value.to_vec()),
+                // Connection-specific fields have no place in HTTP/2 (RFC 9113, 8.2.2).
+                b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding"
+                | b"upgrade" => head.malformed = true,
+                b"te" => head.malformed |= value != b"trailers",
+                b"content-length" => match std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    Some(n) if head.content_length.is_none_or(|m| m == n) => {
+                        head.content_length = Some(n)
+                    }
+                    _ => head.malformed = true,
+                },
                 _ => {}
             }
             if head.ours().is_none() {
@@ -651,24 +1060,34 @@ impl<S: Service> Proto<S> {
             return self.go_away(code::COMPRESSION_ERROR);
         }
         if id <= self.last_id {
-            // Trailers of a request under way: they end its body and carry nothing we read.
-            if !self.streams.contains_key(&id) {
-                return;
+            match self.streams.get(&id) {
+                // Trailers of a request under way: they end its body and carry nothing we
+                // read.
+                Some(stream) if !stream.reset && !matches!(stream.recv, Recv::Closed) => {
+                    if !end || head.pseudo != 0 {
+                        return self.stream_error(id, code::PROTOCOL_ERROR);
+                    }
+                    return self.data(frame::END_STREAM, id, &[]);
+                }
+                // Sent before the client saw our RST_STREAM.
+                _ if self.reset_ids.contains(&id) => return,
+                // A stream id reused, or lower than one already opened (RFC 9113, 5.1.1).
+                _ => return self.go_away(code::PROTOCOL_ERROR),
             }
-            if !end {
-                self.streams.remove(&id);
-                return self.reset(id, code::PROTOCOL_ERROR);
-            }
-            return self.data(frame::END_STREAM, id, &[]);
         }
         self.last_id = id;
         if self.going_away.is_some() {
             return; // opened after our GOAWAY: never served, the client may retry it
         }
         if self.streams.len() >= MAX_STREAMS {
+            self.svc.count(Event::StreamRefused);
             return self.reset(id, code::REFUSED_STREAM);
         }
-        if head.malformed || (head.method.is_none() && head.path.is_none()) {
+        if head.malformed
+            || (head.method.is_none() && head.path.is_none())
+            || head.pseudo & PSEUDO_REQUIRED != PSEUDO_REQUIRED
+            || (end && head.content_length.is_some_and(|n| n != 0))
+        {
             return self.reset(id, code::PROTOCOL_ERROR);
         }
         let recv = match head.ours() {
@@ -678,18 +1097,17 @@ impl<S: Service> Proto<S> {
                 start: now,
                 held: Vec::new(),
             },
-            None => Recv::Closed, // forward() opens it
+            None => {
+                if self.forwarded.len() >= MAX_FORWARDED {
+                    self.svc.count(Event::StreamRefused);
+                    return self.reset(id, code::REFUSED_STREAM);
+                }
+                Recv::Closed // forward() opens it
+            }
         };
-        self.streams.insert(
-            id,
-            Stream {
-                recv,
-                recv_unacked: 0,
-                send_window: self.peer_initial_window,
-                out: Out::Waiting,
-                blocked: false,
-            },
-        );
+        let mut stream = Stream::new(recv, self.peer_initial_window);
+        stream.content_length = head.content_length;
+        self.streams.insert(id, stream);
         if head.size > MAX_HEADER_LIST {
             let status =
                 Status::resource_exhausted(format!("request headers over {MAX_HEADER_LIST} bytes"));
@@ -725,24 +1143,26 @@ impl<S: Service> Proto<S> {
             None => http::Uri::try_from(path).map_err(http::Error::from),
         };
         let Ok(uri) = uri else {
-            self.streams.remove(&id);
-            return self.reset(id, code::PROTOCOL_ERROR);
+            return self.stream_error(id, code::PROTOCOL_ERROR);
         };
-        let mut req = http::Request::new(Body::new(RequestBody(rx)));
+        let flow = std::sync::Arc::new(SideFlow::default());
+        let mut req = http::Request::new(Body::new(RequestBody {
+            rx,
+            flow: std::sync::Arc::clone(&flow),
+        }));
         *req.method_mut() = head.verb.unwrap_or(http::Method::POST);
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_2;
         if let Some(fields) = head.fields {
             *req.headers_mut() = fields;
         }
+        let fut = self.svc.forward(req);
         let stream = self.streams.get_mut(&id).expect("inserted by the caller");
         if !end {
-            stream.recv = Recv::Side(tx);
+            stream.recv = Recv::Side(tx, flow, 0);
         }
-        self.side_calls.push(Tagged {
-            id,
-            fut: self.svc.forward(req),
-        });
+        stream.out = Out::Forwarded(fut);
+        self.forwarded.push(id);
     }
 
     /// Answers `id` with `status` before its request is complete (`end` false) and tells
@@ -770,23 +1190,22 @@ impl<S: Service> Proto<S> {
         if payload.len() % 6 != 0 {
             return self.go_away(code::FRAME_SIZE_ERROR);
         }
+        if payload.len() / 6 > MAX_SETTINGS_ENTRIES {
+            return self.calm_down(Event::ControlFlood);
+        }
+        // INITIAL_WINDOW_SIZE touches every open stream: applied once, with its last value.
+        let mut initial_window = None;
         for setting in payload.chunks_exact(6) {
             let key = u16::from_be_bytes([setting[0], setting[1]]);
             let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
             match key {
                 0x1 => self.encoder.table_size(value as usize),
+                0x2 if value > 1 => return self.go_away(code::PROTOCOL_ERROR),
                 0x4 => {
                     if value as i64 > MAX_WINDOW {
                         return self.go_away(code::FLOW_CONTROL_ERROR);
                     }
-                    let delta = value as i64 - self.peer_initial_window;
-                    self.peer_initial_window = value as i64;
-                    for stream in self.streams.values_mut() {
-                        stream.send_window += delta;
-                    }
-                    if delta > 0 {
-                        self.unblock_all();
-                    }
+                    initial_window = Some(value as i64);
                 }
                 0x5 => {
                     if !(16_384..=16_777_215).contains(&value) {
@@ -795,6 +1214,19 @@ impl<S: Service> Proto<S> {
                     self.peer_max_frame = value as usize;
                 }
                 _ => {}
+            }
+        }
+        if let Some(value) = initial_window {
+            let delta = value - self.peer_initial_window;
+            self.peer_initial_window = value;
+            for stream in self.streams.values_mut() {
+                stream.send_window += delta;
+                if stream.send_window > MAX_WINDOW {
+                    return self.go_away(code::FLOW_CONTROL_ERROR);
+                }
+            }
+            if delta > 0 {
+                self.unblock_all();
             }
         }
         put_frame_header(&mut self.wbuf, 0, frame::SETTINGS, frame::ACK, 0);
@@ -821,13 +1253,12 @@ impl<S: Service> Proto<S> {
         };
         stream.send_window += inc as i64;
         if inc == 0 || stream.send_window > MAX_WINDOW {
-            self.streams.remove(&id);
             let code = if inc == 0 {
                 code::PROTOCOL_ERROR
             } else {
                 code::FLOW_CONTROL_ERROR
             };
-            return self.reset(id, code);
+            return self.stream_error(id, code);
         }
         self.push(id);
     }
@@ -841,8 +1272,8 @@ impl<S: Service> Proto<S> {
         }
     }
 
-    /// Polls what is under way: new and pending calls, forwarded requests, response bodies.
-    /// True if anything happened.
+    /// Polls what is under way: new and pending calls, forwarded requests, response bodies,
+    /// and the side thread's consumption of forwarded bodies. True if anything happened.
     fn poll_work(&mut self, cx: &mut Context<'_>) -> bool {
         let mut busy = false;
         for (id, mut call) in std::mem::take(&mut self.fresh) {
@@ -856,13 +1287,37 @@ impl<S: Service> Proto<S> {
             self.answer(id, answer);
             busy = true;
         }
-        while let Poll::Ready(Some((id, resp))) = self.side_calls.poll_next_unpin(cx) {
-            self.respond(id, resp);
-            busy = true;
+        let mut i = 0;
+        while i < self.forwarded.len() {
+            let id = self.forwarded[i];
+            let resp = match self.streams.get_mut(&id) {
+                Some(Stream {
+                    out: Out::Forwarded(fut),
+                    ..
+                }) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => None,
+                    Poll::Ready(resp) => Some(Some(resp)),
+                },
+                _ => Some(None), // gone: reset, or the connection failed it
+            };
+            match resp {
+                None => {
+                    self.grant_consumed(id, cx);
+                    i += 1;
+                }
+                Some(resp) => {
+                    self.forwarded.swap_remove(i);
+                    if let Some(resp) = resp {
+                        self.respond(id, resp);
+                    }
+                    busy = true;
+                }
+            }
         }
         let mut i = 0;
         while i < self.bodies.len() && self.wbuf.len() - self.wpos < WRITE_HIGH_WATER {
             let id = self.bodies[i];
+            self.grant_consumed(id, cx);
             match self.poll_body(id, cx) {
                 Poll::Pending => i += 1,
                 Poll::Ready(()) => {
@@ -874,17 +1329,52 @@ impl<S: Service> Proto<S> {
         busy
     }
 
+    /// Gives a forwarded request's window back as the side thread consumes its body.
+    fn grant_consumed(&mut self, id: u32, cx: &mut Context<'_>) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Recv::Side(_, flow, granted) = &mut stream.recv else {
+            return;
+        };
+        flow.waker.register(cx.waker());
+        let consumed = flow.consumed.load(std::sync::atomic::Ordering::Relaxed);
+        let owed = consumed - *granted;
+        if owed >= (STREAM_WINDOW / 4) as usize || (owed > 0 && stream.recv_window < 16_384) {
+            *granted = consumed;
+            stream.recv_window += owed as i64;
+            put_window_update(&mut self.wbuf, id, owed as u32);
+        }
+    }
+
     fn answer(&mut self, id: u32, answer: Result<Answer, Status>) {
-        if !self.streams.contains_key(&id) {
-            return; // reset by the peer meanwhile
+        match self.streams.get(&id) {
+            None => return, // gone with the connection's error
+            Some(s) if s.reset => return self.drop_stream(id),
+            Some(_) => {}
         }
         let answer = match answer {
             Ok(answer) => answer,
             Err(status) => return self.write_status(id, status),
         };
+        let len = answer.framed_len();
+        let held = self.reply_bytes();
+        let core_held = self.svc.core_reply_bytes().map_or(0, |c| c.get());
+        if held + len > self.limits.conn_reply_bytes
+            || core_held + len > self.limits.core_reply_bytes
+        {
+            // A client that does not read its replies holds no more of them.
+            self.svc.count(Event::ReplyRefused);
+            return self.write_status(
+                id,
+                Status::resource_exhausted(format!(
+                    "reply of {len} bytes refused: {held} bytes of replies on this connection \
+                     (node: {core_held} on this core) wait for the client to read them"
+                )),
+            );
+        }
         self.encoder
             .response_head(&mut self.wbuf, id, http::StatusCode::OK, None, false);
-        let len = answer.framed_len();
         let stream = self.streams.get_mut(&id).expect("checked above");
         if len as i64 <= self.conn_send_window.min(stream.send_window) && len <= self.peer_max_frame
         {
@@ -898,6 +1388,7 @@ impl<S: Service> Proto<S> {
         }
         let mut data = Vec::with_capacity(len);
         answer.encode_framed(&mut data);
+        self.sending_bytes += data.len();
         stream.out = Out::Sending {
             data: data.into(),
             then: Then::OkTrailers,
@@ -942,8 +1433,7 @@ impl<S: Service> Proto<S> {
                     return Poll::Ready(());
                 }
                 Poll::Ready(Some(Err(_))) => {
-                    self.streams.remove(&id);
-                    self.reset(id, code::INTERNAL_ERROR);
+                    self.stream_error(id, code::INTERNAL_ERROR);
                     return Poll::Ready(());
                 }
             };
@@ -952,6 +1442,7 @@ impl<S: Service> Proto<S> {
             };
             match frame.into_data() {
                 Ok(data) => {
+                    self.sending_bytes += data.len();
                     stream.out = Out::Sending {
                         data,
                         then: Then::Body(body),
@@ -994,6 +1485,7 @@ impl<S: Service> Proto<S> {
             put_frame_header(&mut self.wbuf, n, frame::DATA, 0, id);
             self.wbuf.extend_from_slice(&data[..n]);
             bytes::Buf::advance(data, n);
+            self.sending_bytes -= n;
             self.conn_send_window -= n as i64;
             stream.send_window -= n as i64;
         }
@@ -1049,7 +1541,10 @@ impl<S: Service> Proto<S> {
         }
     }
 
+    /// Our RST_STREAM on `id` (the stream itself is the caller's to drop or keep).
     fn reset(&mut self, id: u32, error: u32) {
+        self.reset_ids[self.reset_pos] = id;
+        self.reset_pos = (self.reset_pos + 1) % RECENTLY_RESET;
         put_reset(&mut self.wbuf, id, error);
     }
 
@@ -1057,19 +1552,56 @@ impl<S: Service> Proto<S> {
     /// an error the connection closes once the frame is written.
     fn go_away(&mut self, error: u32) {
         let failed = error != code::NO_ERROR;
+        if failed {
+            self.svc.count(Event::ProtocolError);
+        }
+        self.send_go_away(error, failed);
+    }
+
+    /// GOAWAY `error`, then close as soon as it is written, whatever is under way (idle
+    /// connections, and clients told to calm down).
+    fn close_with(&mut self, error: u32) {
+        self.send_go_away(error, true);
+    }
+
+    fn send_go_away(&mut self, error: u32, close: bool) {
         match self.going_away {
             Some((_, true)) => return,
-            Some((_, false)) if !failed => return,
+            Some((_, false)) if !close => return,
             _ => {}
         }
-        self.going_away = Some((self.last_id, failed));
+        self.going_away = Some((self.last_id, close));
         put_frame_header(&mut self.wbuf, 8, frame::GOAWAY, 0, 0);
         self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
         self.wbuf.extend_from_slice(&error.to_be_bytes());
-        if failed {
-            tracing::debug!(error, "HTTP/2 connection error: closing");
+        if close {
+            tracing::debug!(error, "HTTP/2 connection closing");
         }
     }
+}
+
+/// Bits of `Head::pseudo`: which request pseudo-header fields were present.
+const PSEUDO_METHOD: u8 = 1;
+const PSEUDO_PATH: u8 = 2;
+const PSEUDO_SCHEME: u8 = 4;
+const PSEUDO_AUTHORITY: u8 = 8;
+/// What every request other than CONNECT carries (RFC 9113, 8.3.1); we serve no CONNECT.
+const PSEUDO_REQUIRED: u8 = PSEUDO_METHOD | PSEUDO_PATH | PSEUDO_SCHEME;
+
+/// A field name as RFC 9113 8.2.1 allows it: lowercase token characters only.
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.iter().all(|&b| {
+            matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'!' | b'#' | b'$'
+                | b'%' | b'&' | b'\'' | b'*' | b'+' | b'^' | b'`' | b'|' | b'~')
+        })
+}
+
+/// A field value without NUL, CR or LF, nor white space at either end (RFC 9113, 8.2.1).
+fn valid_value(value: &[u8]) -> bool {
+    !value.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+        && !matches!(value.first(), Some(b' ' | b'\t'))
+        && !matches!(value.last(), Some(b' ' | b'\t'))
 }
 
 /// The message of a unary request from what arrived of its body: the message once whole, an
@@ -1137,8 +1669,12 @@ fn put_window_update(buf: &mut Vec<u8>, id: u32, n: u32) {
     buf.extend_from_slice(&n.to_be_bytes());
 }
 
-/// The body of a request forwarded to the side thread, fed by the connection.
-struct RequestBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+/// The body of a request forwarded to the side thread, fed by the connection; what it hands
+/// on counts as consumed, and wakes the connection to grant the window back.
+struct RequestBody {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    flow: std::sync::Arc<SideFlow>,
+}
 
 impl http_body::Body for RequestBody {
     type Data = Bytes;
@@ -1148,9 +1684,14 @@ impl http_body::Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|data| data.map(|d| Ok(http_body::Frame::data(d))))
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(data)) = &polled {
+            self.flow
+                .consumed
+                .fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+            self.flow.waker.wake();
+        }
+        polled.map(|data| data.map(|d| Ok(http_body::Frame::data(d))))
     }
 }
 
@@ -1803,6 +2344,14 @@ mod tests {
         let cancel: u32 = 0x8; // CANCEL, which the server itself never sends
         rst.extend_from_slice(&cancel.to_be_bytes());
         peer.feed(&rst);
+        // The reset call still runs: its slot is not free (the Rapid Reset attack opens a new
+        // stream for every one it resets).
+        let again = 2 * MAX_STREAMS as u32 + 3;
+        let req = peer.request(again, b"key");
+        peer.feed(&req);
+        let sent = peer.sent();
+        assert_eq!((sent[0].kind, sent[0].id), (frame::RST_STREAM, again));
+        assert_eq!(sent[0].payload, code::REFUSED_STREAM.to_be_bytes());
         for tx in peer.fake.hold.borrow_mut().take().unwrap() {
             tx.send(()).unwrap();
         }
@@ -1813,6 +2362,37 @@ mod tests {
             MAX_STREAMS - 1
         );
         assert!(peer.proto.streams.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_resets_or_pings_is_told_to_calm_down() {
+        let limit = Limits::default().resets_per_sec;
+        let mut peer = Peer::new();
+        let mut bytes = vec![];
+        for i in 0..=limit {
+            let id = 2 * i + 1;
+            bytes.extend(peer.request(id, b"key"));
+            put_frame_header(&mut bytes, 4, frame::RST_STREAM, 0, id);
+            bytes.extend_from_slice(&0x8u32.to_be_bytes());
+        }
+        peer.feed(&bytes);
+        let sent = peer.sent();
+        let last = sent.last().expect("a GOAWAY");
+        assert_eq!(last.kind, frame::GOAWAY);
+        assert_eq!(last.payload[4..], code::ENHANCE_YOUR_CALM.to_be_bytes());
+        assert!(peer.proto.finished().is_some(), "the connection closes");
+
+        let mut peer = Peer::new();
+        let mut bytes = vec![];
+        for _ in 0..=Limits::default().control_frames_per_sec {
+            put_frame_header(&mut bytes, 8, frame::PING, 0, 0);
+            bytes.extend_from_slice(&[0; 8]);
+        }
+        peer.feed(&bytes);
+        let sent = peer.sent();
+        let last = sent.last().expect("a GOAWAY");
+        assert_eq!(last.kind, frame::GOAWAY);
+        assert_eq!(last.payload[4..], code::ENHANCE_YOUR_CALM.to_be_bytes());
     }
 
     #[test]

@@ -75,6 +75,13 @@ pub struct CoreCtx {
     pub side: side::SideHandle,
     pub metrics: CoreMetrics,
     pub coordinator: Rc<Coordinator>,
+    /// HTTP2_* bounds of every connection.
+    pub http2_limits: http2::Limits,
+    /// Reply bytes this core's connections hold for clients that have not read them.
+    pub reply_bytes: Cell<usize>,
+    /// By `http2::Event`, in the order of `Event::ALL`; and connections turned away.
+    pub http2_events: [Cell<u64>; http2::Event::ALL.len()],
+    pub connections_shed: Cell<u64>,
 }
 
 impl CoreCtx {
@@ -162,6 +169,10 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         side: setup.side.clone(),
         metrics: CoreMetrics::default(),
         coordinator,
+        http2_limits: config.http2,
+        reply_bytes: Cell::new(0),
+        http2_events: Default::default(),
+        connections_shed: Cell::new(0),
     });
     {
         let ctx = Rc::clone(&ctx);
@@ -191,6 +202,11 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
     tracing::debug!(core, shards = engine.nr_local_shards(), "core serving");
 
     let connections = Rc::new(Cell::new(0usize));
+    // This core's share of MAX_CONNECTIONS (the kernel spreads connections over the cores).
+    let max_connections = config.max_connections.div_ceil(router.nr_cores()).max(1);
+    let mut accept_backoff = Duration::from_millis(10);
+    let mut accept_failures = 0u64;
+    let mut accept_logged = Instant::now() - Duration::from_secs(60);
     let mut shutdown = setup.shutdown.clone();
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
@@ -200,7 +216,12 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         .await;
         match accepted {
             None => break,
+            Some(Ok(stream)) if connections.get() >= max_connections => {
+                ctx.connections_shed.set(ctx.connections_shed.get() + 1);
+                glommio::spawn_local(shed_connection(stream)).detach();
+            }
             Some(Ok(stream)) => {
+                accept_backoff = Duration::from_millis(10);
                 // Small requests and replies must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
                 connections.set(connections.get() + 1);
@@ -213,9 +234,17 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
                 .detach();
             }
             Some(Err(e)) => {
-                // EMFILE and friends: keep the core up and try again shortly.
-                tracing::warn!(core, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                // EMFILE and friends: keep the core up and try again, backing off (the
+                // pending connection stays in the backlog meanwhile), and say so at most once
+                // a second rather than once a failure.
+                accept_failures += 1;
+                if accept_logged.elapsed() >= Duration::from_secs(1) {
+                    tracing::warn!(core, error = %e, failures = accept_failures, "accept failed");
+                    accept_logged = Instant::now();
+                    accept_failures = 0;
+                }
+                glommio::timer::sleep(accept_backoff).await;
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -270,6 +299,36 @@ impl http2::Service for Rc<CoreCtx> {
     fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
     }
+
+    fn limits(&self) -> http2::Limits {
+        self.http2_limits
+    }
+
+    fn core_reply_bytes(&self) -> Option<&Cell<usize>> {
+        Some(&self.reply_bytes)
+    }
+
+    fn count(&self, event: http2::Event) {
+        if let Some(i) = http2::Event::ALL.iter().position(|e| *e == event) {
+            self.http2_events[i].set(self.http2_events[i].get() + 1);
+        }
+    }
+}
+
+/// Turns away a connection over MAX_CONNECTIONS the way an HTTP/2 server says "not now": our
+/// SETTINGS (the server preface) and GOAWAY ENHANCE_YOUR_CALM with no stream processed, so a
+/// gRPC client retries elsewhere or later instead of seeing a reset. Bounded in time.
+async fn shed_connection(mut stream: glommio::net::TcpStream) {
+    use futures_lite::AsyncWriteExt;
+    let goaway: [u8; 26] = [
+        0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, empty
+        0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY
+        0, 0, 0, 0, // last stream id 0
+        0, 0, 0, 0xb, // ENHANCE_YOUR_CALM
+    ];
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = stream.write_all(&goaway).await;
+    lingering_close(stream).await;
 }
 
 async fn serve_connection(
@@ -383,6 +442,13 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
             .peers
             .latency_scores(ctx.coordinator.speculative);
         snapshot.hints = ctx.coordinator.hints.counts();
+        snapshot.http2_events = http2::Event::ALL
+            .iter()
+            .zip(&ctx.http2_events)
+            .map(|(e, n)| (e.name(), n.get()))
+            .collect();
+        snapshot.connections_shed = ctx.connections_shed.get();
+        snapshot.reply_bytes = ctx.reply_bytes.get() as u64;
         let _ = reply_tx.send(snapshot);
     }
 }

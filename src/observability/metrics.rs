@@ -127,6 +127,9 @@ impl CoreMetrics {
             speculative_retries: 0,
             skipped_down: 0,
             peer_scores: Vec::new(),
+            http2_events: Vec::new(),
+            connections_shed: 0,
+            reply_bytes: 0,
             hints: Default::default(),
         }
     }
@@ -180,6 +183,12 @@ pub struct CoreSnapshot {
     pub skipped_down: u64,
     /// (peer, latency score in seconds, speculative delay in seconds) as this core sees them.
     pub peer_scores: Vec<(String, f64, Option<f64>)>,
+    /// (event, count) of the HTTP/2 bounds (ingress::http2::Event).
+    pub http2_events: Vec<(&'static str, u64)>,
+    /// Connections turned away over MAX_CONNECTIONS.
+    pub connections_shed: u64,
+    /// Reply bytes held for clients that have not read them.
+    pub reply_bytes: u64,
     pub hints: crate::cluster::hints::HintCounts,
 }
 
@@ -400,6 +409,38 @@ impl Collector for SnapshotCollector {
             "cache_read_repairs",
             "Replicas brought up to date by reads, by coordinating core.",
             &per_core(&|c| c.read_repairs),
+        )?;
+        let http2_events: Vec<(Labels, u64)> = cores
+            .iter()
+            .flat_map(|c| {
+                c.http2_events.iter().map(move |(event, n)| {
+                    (
+                        vec![("core", c.core.to_string()), ("event", event.to_string())],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_http2_events",
+            "HTTP/2 bounds enforced, by core and event: GOAWAY ENHANCE_YOUR_CALM for a reset or \
+             control-frame flood, replies refused (RESOURCE_EXHAUSTED) for a client that does \
+             not read, streams refused, handshake and idle timeouts, protocol errors.",
+            &http2_events,
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_connections_shed",
+            "Connections turned away with GOAWAY because the core had its share of \
+             MAX_CONNECTIONS.",
+            &per_core(&|c| c.connections_shed),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_http2_reply_bytes",
+            "Reply bytes held for clients that have not read them yet, by core.",
+            &gauge(&|c| c.reply_bytes),
         )?;
         counter_family(
             &mut encoder,
