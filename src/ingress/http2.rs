@@ -14,8 +14,14 @@
 //! padding, DATA, flow control both ways (our windows are replenished as data arrives; the
 //! peer's are respected for every DATA frame we send), RST_STREAM, PING, GOAWAY (ours for a
 //! graceful shutdown, and on a protocol error), and stream limits. No server push, no
-//! priorities (both optional). HPACK is ours both ways: see `hpack` for decoding; encoding
-//! only ever writes a handful of fixed fields.
+//! priorities (both optional; PRIORITY frames are validated and ignored). HPACK is ours both
+//! ways: see `hpack` for decoding; encoding only ever writes a handful of fixed fields.
+//!
+//! Every resource a client can make a connection hold is bounded ([`Limits`]): streams (a
+//! reset one counts until its call ends), resets and control frames per second, reply bytes a
+//! client leaves unread (per connection and per core), forwarded bodies (window granted as
+//! the side thread consumes them), and time (handshake and idle timeouts). Each bound answers
+//! as RFC 9113 and the major servers do and is counted ([`Event`]).
 
 use super::grpc::{Answer, Call, Method, PREFIX};
 use bytes::Bytes;
