@@ -460,4 +460,57 @@ mod tests {
             assert!(ours(&mut Decoder::new(4096), block).is_err(), "{block:x?}");
         }
     }
+
+    mod fuzz {
+        //! Property tests with a fixed budget in CI; for long runs, raise it:
+        //! `PROPTEST_CASES=200000 cargo test --release --lib hpack::tests::fuzz`.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            (
+                prop_oneof![
+                    Just(b":path".to_vec()),
+                    Just(b"content-type".to_vec()),
+                    Just(b"grpc-timeout".to_vec()),
+                    proptest::collection::vec(b'a'..=b'z', 1..20),
+                ],
+                proptest::collection::vec(any::<u8>(), 0..64),
+            )
+        }
+
+        proptest! {
+            /// Blocks the oracle's encoder makes, over a connection's worth of header lists
+            /// (its dynamic table carried from one to the next), decode to the same fields.
+            #[test]
+            fn what_the_oracle_encodes_we_decode(
+                lists in proptest::collection::vec(proptest::collection::vec(field(), 0..12), 1..16)
+            ) {
+                let mut enc = loona_hpack::Encoder::new();
+                let mut d = Decoder::new(4096);
+                for list in lists {
+                    let block = enc.encode(list.iter().map(|(n, v)| (&n[..], &v[..])));
+                    prop_assert_eq!(ours(&mut d, &block).unwrap(), list);
+                }
+            }
+
+            /// Arbitrary bytes: never a panic; when both decoders accept a block, the same
+            /// fields (ours is stricter in places: a size update after a field).
+            #[test]
+            fn arbitrary_blocks_never_panic_and_agree_with_the_oracle(
+                blocks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..8)
+            ) {
+                let mut d = Decoder::new(4096);
+                let mut o = loona_hpack::Decoder::new();
+                for block in blocks {
+                    let (a, b) = (ours(&mut d, &block), o.decode(&block));
+                    match (a, b) {
+                        (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                        // Once the two disagree on a block their tables may differ: stop.
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
 }

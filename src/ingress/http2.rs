@@ -2438,4 +2438,350 @@ mod tests {
         assert_eq!(got, b"abcdef");
         assert!(peer.proto.streams.is_empty());
     }
+
+    mod fuzz {
+        //! Arbitrary frame sequences against the connection (a coverage-guided fuzzer needs a
+        //! nightly toolchain; these run on stable). A fixed budget in CI; for long runs:
+        //! `PROPTEST_CASES=100000 cargo test --release --lib http2::tests::fuzz`.
+        //! Invariants: no panic; streams, forwarded requests and held reply bytes within their
+        //! bounds at every step; once the calls are released, every stream has ended but
+        //! those still waiting for the client (request data, or window).
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Headers {
+                id: u32,
+                path: u8,
+                end_stream: bool,
+                end_headers: bool,
+                priority: bool,
+                padded: bool,
+            },
+            Data {
+                id: u32,
+                len: usize,
+                framed: bool,
+                end_stream: bool,
+                padded: bool,
+            },
+            Continuation {
+                id: u32,
+                end_headers: bool,
+                bytes: Vec<u8>,
+            },
+            Reset(u32, u32),
+            Settings(Vec<(u16, u32)>, bool),
+            WindowUpdate(u32, u32),
+            Ping(bool),
+            Priority(u32, u8, u32),
+            GoAway,
+            Unknown(u8, Vec<u8>),
+            Garbage(Vec<u8>),
+            /// Answer the calls held so far.
+            Release,
+            /// The client stops or starts reading what the node sends.
+            Reading(bool),
+        }
+
+        fn id() -> impl Strategy<Value = u32> {
+            prop_oneof![8 => 1u32..40, 1 => 0u32..8]
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => (id(), 0u8..6, any::<bool>(), prop::bool::weighted(0.97), any::<bool>(), any::<bool>())
+                    .prop_map(|(id, path, end_stream, end_headers, priority, padded)| Step::Headers {
+                        id, path, end_stream, end_headers, priority, padded
+                    }),
+                6 => (id(), prop_oneof![0usize..32, 0usize..40_000], prop::bool::weighted(0.7), any::<bool>(), any::<bool>())
+                    .prop_map(|(id, len, framed, end_stream, padded)| Step::Data {
+                        id, len, framed, end_stream, padded
+                    }),
+                1 => (id(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..16))
+                    .prop_map(|(id, end_headers, bytes)| Step::Continuation { id, end_headers, bytes }),
+                3 => (id(), 0u32..14).prop_map(|(id, code)| Step::Reset(id, code)),
+                4 => (proptest::collection::vec(prop_oneof![
+                        (Just(1u16), 0u32..8192),
+                        (Just(3u16), 0u32..300),
+                        (Just(4u16), 0u32..70_000),
+                        (Just(5u16), 16_384u32..40_000),
+                        (Just(6u16), any::<u32>()),
+                    ], 0..4), prop::bool::weighted(0.2))
+                    .prop_map(|(e, ack)| Step::Settings(e, ack)),
+                1 => (proptest::collection::vec((0u16..8, any::<u32>()), 0..6), Just(false))
+                    .prop_map(|(e, ack)| Step::Settings(e, ack)),
+                2 => (id(), prop_oneof![0u32..100_000, any::<u32>()]).prop_map(|(id, n)| Step::WindowUpdate(id, n)),
+                1 => any::<bool>().prop_map(Step::Ping),
+                1 => (id(), 3u8..7, id()).prop_map(|(id, len, dep)| Step::Priority(id, len, dep)),
+                1 => Just(Step::GoAway),
+                1 => (10u8..=255, proptest::collection::vec(any::<u8>(), 0..32)).prop_map(|(k, b)| Step::Unknown(k, b)),
+                1 => proptest::collection::vec(any::<u8>(), 1..24).prop_map(Step::Garbage),
+                24 => (0u32..40, 0u8..3, prop::bool::weighted(0.8)).prop_map(|(id, path, end_stream)| Step::Headers {
+                    id, path, end_stream, end_headers: true, priority: false, padded: false
+                }),
+                24 => (1u32..40, 0usize..32).prop_map(|(id, len)| Step::Data {
+                    id, len, framed: true, end_stream: true, padded: false
+                }),
+                2 => Just(Step::Release),
+                1 => any::<bool>().prop_map(Step::Reading),
+            ]
+        }
+
+        const PATHS: [&str; 6] = [
+            "/pb.CacheService/Get",
+            "/pb.CacheService/Set",
+            "/pb.CacheService/Delete",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/nowhere",
+        ];
+
+        fn frame_bytes(encoder: &mut loona_hpack::Encoder<'static>, step: &Step) -> Vec<u8> {
+            let mut out = vec![];
+            let pad = |flags: &mut u8, payload: &mut Vec<u8>, padded: bool| {
+                if padded {
+                    *flags |= frame::PADDED;
+                    payload.insert(0, 3);
+                    payload.extend_from_slice(&[0, 0, 0]);
+                }
+            };
+            match step {
+                Step::Headers {
+                    id,
+                    path,
+                    end_stream,
+                    end_headers,
+                    priority,
+                    padded,
+                } => {
+                    let mut payload = encoder.encode([
+                        (&b":method"[..], &b"POST"[..]),
+                        (b":scheme", b"http"),
+                        (b":path", PATHS[*path as usize].as_bytes()),
+                        (b"content-type", b"application/grpc"),
+                        (b"te", b"trailers"),
+                    ]);
+                    let mut flags = 0;
+                    if *priority {
+                        flags |= frame::PRIORITY_FLAG;
+                        let mut p = 1u32.to_be_bytes().to_vec();
+                        p.push(15);
+                        payload.splice(0..0, p);
+                    }
+                    pad(&mut flags, &mut payload, *padded);
+                    if *end_stream {
+                        flags |= frame::END_STREAM;
+                    }
+                    if *end_headers {
+                        flags |= frame::END_HEADERS;
+                    }
+                    put_frame_header(&mut out, payload.len(), frame::HEADERS, flags, *id);
+                    out.extend_from_slice(&payload);
+                }
+                Step::Data {
+                    id,
+                    len,
+                    framed: f,
+                    end_stream,
+                    padded,
+                } => {
+                    let mut payload = if *f {
+                        let mut m = vec![0x0a, (*len).min(120) as u8];
+                        m.extend(std::iter::repeat_n(b'k', (*len).min(120)));
+                        framed(&m)
+                    } else {
+                        vec![0; (*len).min(MAX_FRAME - 8)]
+                    };
+                    let mut flags = if *end_stream { frame::END_STREAM } else { 0 };
+                    pad(&mut flags, &mut payload, *padded);
+                    put_frame_header(&mut out, payload.len(), frame::DATA, flags, *id);
+                    out.extend_from_slice(&payload);
+                }
+                Step::Continuation {
+                    id,
+                    end_headers,
+                    bytes,
+                } => {
+                    let flags = if *end_headers { frame::END_HEADERS } else { 0 };
+                    put_frame_header(&mut out, bytes.len(), frame::CONTINUATION, flags, *id);
+                    out.extend_from_slice(bytes);
+                }
+                Step::Reset(id, code) => put_reset(&mut out, *id, *code),
+                Step::Settings(entries, ack) => {
+                    let flags = if *ack { frame::ACK } else { 0 };
+                    let n = if *ack { 0 } else { entries.len() };
+                    put_frame_header(&mut out, n * 6, frame::SETTINGS, flags, 0);
+                    for (k, v) in entries.iter().take(n) {
+                        out.extend_from_slice(&k.to_be_bytes());
+                        out.extend_from_slice(&v.to_be_bytes());
+                    }
+                }
+                Step::WindowUpdate(id, n) => put_window_update(&mut out, *id, *n),
+                Step::Ping(ack) => {
+                    put_frame_header(
+                        &mut out,
+                        8,
+                        frame::PING,
+                        if *ack { frame::ACK } else { 0 },
+                        0,
+                    );
+                    out.extend_from_slice(&[1; 8]);
+                }
+                Step::Priority(id, len, dep) => {
+                    put_frame_header(&mut out, *len as usize, frame::PRIORITY, 0, *id);
+                    let mut p = dep.to_be_bytes().to_vec();
+                    p.push(7);
+                    p.resize(*len as usize, 0);
+                    out.extend_from_slice(&p);
+                }
+                Step::GoAway => {
+                    put_frame_header(&mut out, 8, frame::GOAWAY, 0, 0);
+                    out.extend_from_slice(&[0; 8]);
+                }
+                Step::Unknown(kind, bytes) => {
+                    put_frame_header(&mut out, bytes.len(), *kind, 0, 1);
+                    out.extend_from_slice(bytes);
+                }
+                Step::Garbage(bytes) => out.extend_from_slice(bytes),
+                Step::Release | Step::Reading(_) => {}
+            }
+            out
+        }
+
+        fn step_id(step: &Step) -> u32 {
+            match step {
+                Step::Data { id, .. } | Step::Reset(id, _) => *id,
+                _ => 0,
+            }
+        }
+
+        fn check_bounds(proto: &Proto<Fake>) -> Result<(), TestCaseError> {
+            prop_assert!(
+                proto.streams.len() <= MAX_STREAMS,
+                "{} streams",
+                proto.streams.len()
+            );
+            prop_assert!(proto.forwarded.len() <= MAX_FORWARDED);
+            let bound = proto.limits.conn_reply_bytes + WRITE_HIGH_WATER + 4 * MAX_FRAME;
+            prop_assert!(
+                proto.reply_bytes() <= bound,
+                "{} reply bytes held",
+                proto.reply_bytes()
+            );
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
+            ))]
+
+            #[test]
+            fn arbitrary_frames_keep_every_bound_and_every_stream_ends(
+                steps in proptest::collection::vec(step(), 1..80),
+                hold in any::<bool>(),
+                big in prop::bool::weighted(0.2),
+            ) {
+                let fake = Fake::default();
+                *fake.value_len.borrow_mut() = if big { 900 } else { 10 };
+                if hold {
+                    *fake.hold.borrow_mut() = Some(vec![]);
+                }
+                let mut proto = Proto::new(fake.clone());
+                let mut encoder = loona_hpack::Encoder::new();
+                let mut reading = true;
+                let mut input = PREFACE.to_vec();
+                put_frame_header(&mut input, 0, frame::SETTINGS, 0, 0);
+                let cx = &mut Context::from_waker(std::task::Waker::noop());
+                // Ids as a client uses them: new streams in increasing order, frames on the
+                // streams opened so far; now and then an id of the raw step, valid or not.
+                let (mut next_id, mut opened) = (1u32, Vec::<u32>::new());
+                // Before any stream is open, a frame for one goes to a stream yet to come
+                // (an idle stream: a protocol error) only with a raw id.
+                let on_open = |opened: &Vec<u32>, raw: u32| -> u32 {
+                    match opened.len() {
+                        _ if raw % 19 == 0 => raw,
+                        0 => 1 + 2 * (raw % 3),
+                        n => opened[raw as usize % n],
+                    }
+                };
+                let steps: Vec<Step> = steps
+                    .into_iter()
+                    .map(|step| match step {
+                        Step::Headers { id, path, end_stream, end_headers, priority, padded } => {
+                            let id = if id % 13 != 0 {
+                                next_id += 2;
+                                opened.push(next_id - 2);
+                                next_id - 2
+                            } else {
+                                on_open(&opened, id)
+                            };
+                            Step::Headers { id, path, end_stream, end_headers, priority, padded }
+                        }
+                        Step::Data { .. } | Step::Reset(..) if opened.is_empty() && step_id(&step) % 19 != 0 => {
+                            Step::Ping(false)
+                        }
+                        Step::Data { id, len, framed, end_stream, padded } => {
+                            Step::Data { id: on_open(&opened, id), len, framed, end_stream, padded }
+                        }
+                        Step::Reset(id, code) => Step::Reset(on_open(&opened, id), code),
+                        Step::WindowUpdate(id, n) => Step::WindowUpdate(on_open(&opened, id), n),
+                        Step::Priority(id, len, dep) => Step::Priority(on_open(&opened, id), len, dep),
+                        other => other,
+                    })
+                    .collect();
+                for step in &steps {
+                    match step {
+                        Step::Release => {
+                            for tx in fake.hold.borrow_mut().iter_mut().flat_map(|v| v.drain(..)) {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Step::Reading(r) => reading = *r,
+                        _ => input.extend(frame_bytes(&mut encoder, step)),
+                    }
+                    // The node reads only while it wants input, as the connection does.
+                    while !input.is_empty() && proto.wants_input() && proto.finished().is_none() {
+                        let room = proto.room();
+                        let n = room.len().min(input.len());
+                        room[..n].copy_from_slice(&input[..n]);
+                        input.drain(..n);
+                        proto.received(n, Instant::now());
+                    }
+                    proto.poll_work(cx);
+                    if reading {
+                        let n = proto.output().len();
+                        proto.sent(n);
+                    }
+                    check_bounds(&proto)?;
+                }
+                // Every call answered, every reply read.
+                *fake.hold.borrow_mut() = None;
+                for tx in fake.hold.borrow_mut().iter_mut().flat_map(|v| v.drain(..)) {
+                    let _ = tx.send(());
+                }
+                for _ in 0..4 {
+                    proto.poll_work(cx);
+                    let n = proto.output().len();
+                    proto.sent(n);
+                }
+                check_bounds(&proto)?;
+                if proto.finished().is_none() {
+                    prop_assert!(!proto.working() || !proto.calls.is_empty() || !proto.bodies.is_empty(),
+                        "fresh calls or forwarded requests left unpolled");
+                    for (id, stream) in &proto.streams {
+                        let waits_for_client = !matches!(stream.recv, Recv::Closed)
+                            || matches!(stream.out, Out::Sending { .. })
+                            || stream.blocked;
+                        prop_assert!(waits_for_client || !stream.reset,
+                            "stream {} reset and never dropped", id);
+                        prop_assert!(!(matches!(stream.recv, Recv::Closed) && matches!(stream.out, Out::Done)),
+                            "stream {} ended both ways and still held", id);
+                    }
+                }
+            }
+        }
+    }
 }
