@@ -1,0 +1,15 @@
+//! The consistency suite's pure half: a history of operations on a cache (one register per
+//! key), as concurrent clients saw them, and a linearizability checker over it. The half that
+//! starts nodes, drives clients and injects faults records into [`History`]; nothing here
+//! does I/O or knows of gRPC.
+//!
+//! - [`history`]: operations, their outcomes (ok, definite failure, unknown), a history.
+//! - [`linearizability`]: Wing & Gong's search with Lowe's memoisation (as Porcupine and
+//!   Knossos implement it), partitioned by key, operations of unknown outcome taking effect
+//!   at any later point or never; a failure comes with the shortest window that shows it.
+
+pub mod history;
+pub mod linearizability;
+
+pub use history::{History, Kind, Op, Outcome};
+pub use linearizability::{check, Report, Verdict};
