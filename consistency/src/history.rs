@@ -34,6 +34,9 @@ pub struct Op {
     /// When the answer came; for an unknown outcome, when the client gave up.
     pub completed_ns: u64,
     pub outcome: Outcome,
+    /// The version the node answered with (a Set's, or the entry a Get returned), as
+    /// (hybrid logical clock, node id).
+    pub version: Option<(u64, u32)>,
 }
 
 impl fmt::Display for Op {

@@ -263,6 +263,7 @@ mod tests {
             invoked_ns: invoked_ms * 1_000_000,
             completed_ns: completed_ms * 1_000_000,
             outcome,
+            version: None,
         }
     }
 

@@ -74,6 +74,10 @@ pub struct MemberInfo {
     pub down_since: Option<Instant>,
     /// It announced a graceful leave.
     pub left: bool,
+    /// The incarnation the state is about: news of an older one (a node restarted on the same
+    /// ADDR is a new identity, and foca may still report its previous life suspect or down
+    /// after the new one is up) changes nothing.
+    pub incarnation: u64,
 }
 
 /// The table the ring comes from. Pure: events in, ring membership out.
@@ -93,8 +97,15 @@ impl MemberTable {
         }
     }
 
-    pub fn up(&mut self, addr: &str) {
+    pub fn up(&mut self, addr: &str, incarnation: u64) {
         if addr == self.me {
+            return;
+        }
+        if self
+            .members
+            .get(addr)
+            .is_some_and(|m| m.incarnation > incarnation)
+        {
             return;
         }
         self.members.insert(
@@ -103,21 +114,22 @@ impl MemberTable {
                 state: MemberState::Alive,
                 down_since: None,
                 left: false,
+                incarnation,
             },
         );
     }
 
-    pub fn suspect(&mut self, addr: &str) {
+    pub fn suspect(&mut self, addr: &str, incarnation: u64) {
         if let Some(m) = self.members.get_mut(addr) {
-            if m.state == MemberState::Alive {
+            if m.state == MemberState::Alive && incarnation >= m.incarnation {
                 m.state = MemberState::Suspect;
             }
         }
     }
 
-    pub fn down(&mut self, addr: &str, now: Instant) {
+    pub fn down(&mut self, addr: &str, incarnation: u64, now: Instant) {
         if let Some(m) = self.members.get_mut(addr) {
-            if m.state != MemberState::Down {
+            if m.state != MemberState::Down && incarnation >= m.incarnation {
                 m.state = MemberState::Down;
                 m.down_since = Some(now);
             }
@@ -132,6 +144,7 @@ impl MemberTable {
             state: MemberState::Down,
             down_since: Some(now),
             left: true,
+            incarnation: 0,
         });
         m.state = MemberState::Down;
         m.down_since.get_or_insert(now);
@@ -212,16 +225,16 @@ pub enum MembershipCmd {
 struct Actions {
     sends: Vec<(NodeIdentity, Vec<u8>)>,
     timers: Vec<(Timer<NodeIdentity>, Duration)>,
-    ups: Vec<String>,
-    downs: Vec<String>,
+    ups: Vec<(String, u64)>,
+    downs: Vec<(String, u64)>,
 }
 
 impl Runtime<NodeIdentity> for Actions {
     fn notify(&mut self, n: Notification<'_, NodeIdentity>) {
         match n {
-            Notification::MemberUp(id) => self.ups.push(id.addr.clone()),
-            Notification::MemberDown(id) => self.downs.push(id.addr.clone()),
-            Notification::Rename(_, new) => self.ups.push(new.addr.clone()),
+            Notification::MemberUp(id) => self.ups.push((id.addr.clone(), id.incarnation)),
+            Notification::MemberDown(id) => self.downs.push((id.addr.clone(), id.incarnation)),
+            Notification::Rename(_, new) => self.ups.push((new.addr.clone(), new.incarnation)),
             _ => {}
         }
     }
@@ -318,13 +331,13 @@ pub async fn start(
         }
         let now = Instant::now();
         let mut v = view.lock().expect("membership view lock is never poisoned");
-        for addr in actions.ups {
-            tracing::info!(member = %addr, "member up");
-            v.table.up(&addr);
+        for (addr, incarnation) in actions.ups {
+            tracing::info!(member = %addr, incarnation, "member up");
+            v.table.up(&addr, incarnation);
         }
-        for addr in actions.downs {
-            tracing::warn!(member = %addr, "member down");
-            v.table.down(&addr, now);
+        for (addr, incarnation) in actions.downs {
+            tracing::warn!(member = %addr, incarnation, "member down");
+            v.table.down(&addr, incarnation, now);
         }
         let nodes = v.table.ring_nodes(now);
         if nodes != *last_nodes {
@@ -344,7 +357,7 @@ pub async fn start(
             let mut v = view.lock().expect("membership view lock is never poisoned");
             for m in foca.iter_membership_state() {
                 if m.state() == foca::State::Suspect {
-                    v.table.suspect(&m.id().addr);
+                    v.table.suspect(&m.id().addr, m.id().incarnation);
                 } else if m.state() == foca::State::Alive {
                     let addr = &m.id().addr;
                     if v.table
@@ -353,7 +366,7 @@ pub async fn start(
                         .map(|i| i.state == MemberState::Suspect)
                         .unwrap_or(false)
                     {
-                        v.table.up(addr);
+                        v.table.up(addr, m.id().incarnation);
                     }
                 }
             }
@@ -426,11 +439,11 @@ mod tests {
     fn down_members_stay_in_the_ring_until_the_dead_timeout() {
         let t0 = Instant::now();
         let mut t = MemberTable::new("a:1".into(), Duration::from_secs(60));
-        t.up("b:1");
-        t.up("c:1");
+        t.up("b:1", 1);
+        t.up("c:1", 1);
         assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1", "c:1"]);
-        t.suspect("b:1");
-        t.down("c:1", t0);
+        t.suspect("b:1", 1);
+        t.down("c:1", 1, t0);
         assert_eq!(
             t.ring_nodes(t0 + Duration::from_secs(59)),
             vec!["a:1", "b:1", "c:1"]
@@ -447,8 +460,8 @@ mod tests {
             ]
         );
         // Back up: in again.
-        t.up("c:1");
-        t.up("b:1");
+        t.up("c:1", 1);
+        t.up("b:1", 1);
         assert!(t.health().is_empty());
         assert_eq!(
             t.ring_nodes(t0 + Duration::from_secs(61)),
@@ -460,15 +473,32 @@ mod tests {
     fn a_graceful_leave_is_out_at_once_and_a_restart_rejoins() {
         let t0 = Instant::now();
         let mut t = MemberTable::new("a:1".into(), Duration::from_secs(60));
-        t.up("b:1");
+        t.up("b:1", 1);
         t.left("b:1", t0);
         assert_eq!(t.ring_nodes(t0), vec!["a:1"]);
-        t.up("b:1");
+        t.up("b:1", 2);
         assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1"]);
         // Self is always in, and never recorded as a member.
-        t.up("a:1");
+        t.up("a:1", 1);
         t.left("a:1", t0);
         assert_eq!(t.ring_nodes(t0), vec!["a:1", "b:1"]);
+    }
+
+    #[test]
+    fn news_of_a_previous_incarnation_does_not_touch_the_new_one() {
+        let t0 = Instant::now();
+        let mut t = MemberTable::new("a:1".into(), Duration::from_secs(60));
+        t.up("b:1", 5);
+        // b restarted on the same ADDR: the new identity is up before foca gives up on the
+        // old one.
+        t.up("b:1", 9);
+        t.suspect("b:1", 5);
+        t.down("b:1", 5, t0);
+        t.up("b:1", 5);
+        let (_, m) = t.members().next().unwrap();
+        assert_eq!((m.state, m.incarnation), (MemberState::Alive, 9));
+        t.down("b:1", 9, t0);
+        assert_eq!(t.members().next().unwrap().1.state, MemberState::Down);
     }
 
     #[test]

@@ -14,36 +14,44 @@ use std::{
 use tonic::{transport::Channel, Code};
 
 /// A node run as user `uid`, so that iptables can tell its packets from everyone else's.
-struct UserNode {
-    node: Node,
-    uid: u32,
-    port: u16,
+pub struct UserNode {
+    pub node: Node,
+    pub uid: u32,
+    pub port: u16,
+}
+
+/// Starts (or restarts) the node of `uid` on `addr`, seeded by `seed`.
+pub async fn start_user_node(uid: u32, addr: &str, seed: &str, extra: &[(&str, &str)]) -> Node {
+    let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+    let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
+    let mut env = vec![("ADDR", addr), ("PEERS", seed), ("RPC_TIMEOUT", "20")];
+    env.extend_from_slice(extra);
+    Node::start_with(Some(&wrapper), &env).await
 }
 
 /// User ids for one test's nodes: distinct from other tests' (by process id and a tag) and far
 /// above any real account.
-fn uids(tag: u32) -> [u32; 3] {
+pub fn uids(tag: u32) -> [u32; 3] {
     let base = 200_000 + (std::process::id() % 10_000) * 40 + tag * 3;
     [base, base + 1, base + 2]
 }
 
-/// Three converged nodes; `first_extra` is more environment for the first one.
-async fn user_cluster(tag: u32, first_extra: &[(&str, &str)]) -> Vec<UserNode> {
+/// Three converged nodes; `first_extra` is more environment for the first one, `extra` for
+/// every one.
+pub async fn user_cluster(
+    tag: u32,
+    first_extra: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Vec<UserNode> {
     let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut nodes = Vec::new();
     for (i, uid) in uids(tag).into_iter().enumerate() {
-        let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
-        let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
-        let mut env = vec![
-            ("ADDR", addrs[i].as_str()),
-            ("PEERS", addrs[0].as_str()),
-            ("RPC_TIMEOUT", "20"),
-        ];
+        let mut env = extra.to_vec();
         if i == 0 {
             env.extend_from_slice(first_extra);
         }
-        let node = Node::start_with(Some(&wrapper), &env).await;
+        let node = start_user_node(uid, &addrs[i], &addrs[0], &env).await;
         nodes.push(UserNode {
             node,
             uid,
@@ -65,12 +73,12 @@ fn iptables(args: &[&str]) -> bool {
 }
 
 /// Every packet between `cut` and `others` dropped, both ways, until healed or dropped.
-struct Cut {
+pub struct Cut {
     chain: String,
 }
 
 impl Cut {
-    fn new(cut: &UserNode, others: &[&UserNode]) -> Cut {
+    pub fn new(cut: &UserNode, others: &[&UserNode]) -> Cut {
         let chain = format!("DC_CUT_{}_{}", std::process::id(), cut.port);
         assert!(
             iptables(&["-N", &chain]) && iptables(&["-I", "OUTPUT", "-j", &chain]),
@@ -164,7 +172,7 @@ fn states(m: &[(String, String)], addr: &str) -> Option<String> {
 #[tokio::test]
 async fn a_cut_replica_leaves_quorum_through_healthy_nodes_and_the_cut_node_fails_fast() {
     let metrics = format!("127.0.0.1:{}", free_port());
-    let nodes = user_cluster(1, &[("METRICS_ADDR", metrics.as_str())]).await;
+    let nodes = user_cluster(1, &[("METRICS_ADDR", metrics.as_str())], &[]).await;
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     let mut c1 = client(&n1.node).await;
     let mut c2 = client(&n2.node).await;
@@ -272,7 +280,7 @@ async fn a_cut_replica_leaves_quorum_through_healthy_nodes_and_the_cut_node_fail
 
 #[tokio::test]
 async fn a_paused_replica_does_not_hold_quorum_reads_or_writes() {
-    let nodes = user_cluster(2, &[]).await;
+    let nodes = user_cluster(2, &[], &[]).await;
     let mut c1 = client(&nodes[0].node).await;
     keeps_serving(&mut c1, 50, 1, "before").await;
     nodes[1].node.signal(libc::SIGSTOP);

@@ -8,6 +8,7 @@ mod config;
 mod degraded;
 mod grpcurl;
 mod h2conformance;
+mod histories;
 mod interop;
 mod limits;
 mod metrics;
