@@ -354,20 +354,29 @@ pub async fn start(
     let refresh_states =
         |foca: &Foca<NodeIdentity, PostcardCodec, SmallRng, foca::NoCustomBroadcast>,
          view: &SharedView| {
-            let mut v = view.lock().expect("membership view lock is never poisoned");
+            // foca keeps every identity it knows, so a node restarted or renewed on the same
+            // ADDR is listed twice, the older one suspect or down: only the newest of each
+            // address speaks for it (taken one by one, the old suspect undid the new alive).
+            let mut newest: std::collections::HashMap<&str, (u64, foca::State)> =
+                std::collections::HashMap::new();
             for m in foca.iter_membership_state() {
-                if m.state() == foca::State::Suspect {
-                    v.table.suspect(&m.id().addr, m.id().incarnation);
-                } else if m.state() == foca::State::Alive {
-                    let addr = &m.id().addr;
-                    if v.table
+                let (addr, incarnation) = (m.id().addr.as_str(), m.id().incarnation);
+                let slot = newest.entry(addr).or_insert((incarnation, m.state()));
+                if incarnation >= slot.0 {
+                    *slot = (incarnation, m.state());
+                }
+            }
+            let mut v = view.lock().expect("membership view lock is never poisoned");
+            for (addr, (incarnation, state)) in newest {
+                if state == foca::State::Suspect {
+                    v.table.suspect(addr, incarnation);
+                } else if state == foca::State::Alive
+                    && v.table
                         .members
                         .get(addr)
-                        .map(|i| i.state == MemberState::Suspect)
-                        .unwrap_or(false)
-                    {
-                        v.table.up(addr, m.id().incarnation);
-                    }
+                        .is_some_and(|i| i.state == MemberState::Suspect)
+                {
+                    v.table.up(addr, incarnation);
                 }
             }
         };
