@@ -128,9 +128,43 @@ impl Coordinator {
         Rc::clone(&self.health.borrow())
     }
 
-    /// Whether `addr` is now DOWN by the failure detector.
-    fn is_down(&self, addr: &str) -> bool {
-        state_of(&self.health.borrow(), addr) == MemberState::Down
+    /// The replicas of `key` to ask, live ones in asking order (see `rank`), the DOWN ones,
+    /// and how many must answer for `level`; TooFewLive at once when the live ones cannot.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        key: &[u8],
+        level: Level,
+        quorum: usize,
+    ) -> Result<(Vec<String>, Vec<String>, usize), Error> {
+        let ring = self.ring();
+        let (live, down) = self.rank(&ring, key, &self.health());
+        let total = live.len() + down.len();
+        let needed = required(level, total, quorum);
+        self.skipped_down
+            .set(self.skipped_down.get() + down.len() as u64);
+        if live.len() < needed {
+            return Err(Error::TooFewLive {
+                live: live.len(),
+                needed,
+                total,
+            });
+        }
+        Ok((live, down, needed))
+    }
+
+    /// Stops waiting for the replicas (bits of `waiting`, by index in `replicas`) that the
+    /// failure detector declared DOWN meanwhile: they will not answer. Returns how many.
+    fn stop_waiting_for_down(&self, replicas: &[String], waiting: &mut u64) -> usize {
+        let health = self.health.borrow();
+        let mut n = 0;
+        for (i, addr) in replicas.iter().enumerate() {
+            if *waiting & (1 << i) != 0 && state_of(&health, addr) == MemberState::Down {
+                *waiting &= !(1 << i);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Writes `entry` to every replica; Ok(any replica had a live value) once `needed` have
@@ -145,20 +179,8 @@ impl Coordinator {
         level: Level,
         deadline: Instant,
     ) -> Result<bool, Error> {
-        let ring = self.ring();
-        let health = self.health();
-        let (live, down) = self.rank(&ring, &entry.key, &health);
+        let (live, down, needed) = self.plan(&entry.key, level, self.write_quorum)?;
         let total = live.len() + down.len();
-        let needed = required(level, total, self.write_quorum);
-        self.skipped_down
-            .set(self.skipped_down.get() + down.len() as u64);
-        if live.len() < needed {
-            return Err(Error::TooFewLive {
-                live: live.len(),
-                needed,
-                total,
-            });
-        }
         let now = Instant::now();
         for addr in &down {
             self.hints.store(addr, entry.clone(), now);
@@ -229,13 +251,9 @@ impl Coordinator {
                 }
                 None if Instant::now() >= deadline => return Err(Error::DeadlineExceeded),
                 None => {
-                    // Replicas declared DOWN meanwhile will not answer: stop waiting for them
-                    // (their calls go on, and store a hint when they fail).
-                    for (i, addr) in live.iter().enumerate() {
-                        if waiting & (1 << i) != 0 && self.is_down(addr) {
-                            waiting &= !(1 << i);
-                            tally.fail();
-                        }
+                    // Their calls go on, and store a hint when they fail.
+                    for _ in 0..self.stop_waiting_for_down(&live, &mut waiting) {
+                        tally.fail();
                     }
                 }
             }
@@ -292,21 +310,9 @@ impl Coordinator {
         level: Level,
         deadline: Instant,
     ) -> Response {
-        let ring = self.ring();
-        let health = self.health();
         // This node first (its answer costs no round trip), then the fastest live replicas.
-        let (replicas, down) = self.rank(&ring, &key, &health);
+        let (replicas, down, needed) = self.plan(&key, level, self.read_quorum)?;
         let total = replicas.len() + down.len();
-        let needed = required(level, total, self.read_quorum);
-        self.skipped_down
-            .set(self.skipped_down.get() + down.len() as u64);
-        if replicas.len() < needed {
-            return Err(Error::TooFewLive {
-                live: replicas.len(),
-                needed,
-                total,
-            });
-        }
         let mut tally = Tally::new(needed, replicas.len());
         // A replica still receiving the key's bucket (it just started, or just became a
         // replica) answers "not found" for keys it has not received yet: that answer goes on
@@ -437,14 +443,10 @@ impl Coordinator {
                                 .set(self.speculative_retries.get() + 1);
                         }
                     }
-                    // Replicas declared DOWN meanwhile will not answer at all.
-                    for (i, addr) in replicas.iter().enumerate() {
-                        if waiting & (1 << i) != 0 && self.is_down(addr) {
-                            waiting &= !(1 << i);
-                            written_off &= !(1 << i);
-                            tally.fail();
-                        }
+                    for _ in 0..self.stop_waiting_for_down(&replicas, &mut waiting) {
+                        tally.fail();
                     }
+                    written_off &= waiting;
                 }
             }
         }

@@ -240,24 +240,12 @@ fn counter_family(
     Ok(())
 }
 
-fn float_gauge_family(
+/// A gauge family of whole numbers (i64) or of seconds (f64).
+fn gauge_family<N: prometheus_client::encoding::EncodeGaugeValue + Copy + std::fmt::Debug>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(Labels, f64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauge_family(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, i64)],
+    rows: &[(Labels, N)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, v) in rows {
@@ -472,14 +460,14 @@ impl Collector for SnapshotCollector {
                 })
                 .collect()
         };
-        float_gauge_family(
+        gauge_family(
             &mut encoder,
             "cache_peer_latency_score_seconds",
             "How a core ranks a peer for reads (lower is asked first): its recent latency, or \
              how long it has been silent with calls outstanding if longer, plus recent failures.",
             &peer_rows(&|score, _| Some(score)),
         )?;
-        float_gauge_family(
+        gauge_family(
             &mut encoder,
             "cache_peer_speculative_delay_seconds",
             "How long a read waiting for this peer waits before asking another replica.",

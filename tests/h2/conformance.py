@@ -16,6 +16,7 @@ import sys
 import time
 
 import hpack
+from pbwire import varint
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -65,17 +66,6 @@ def set_message(key, value_len):
     v = b"v" * value_len
     body = b"\x0a" + bytes([len(k)]) + k + b"\x12" + varint(len(v)) + v
     return b"\x00" + struct.pack(">I", len(body)) + body
-
-
-def varint(n):
-    out = b""
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out += bytes([b | 0x80])
-        else:
-            return out + bytes([b])
 
 
 def grpc_head(path="/pb.CacheService/Get", extra=()):
@@ -246,20 +236,22 @@ def handshake_timeout():
     assert took < 4.0, f"closed after {took:.1f}s"
 
 
+def opens_after(first, then):
+    """Stream `then` opened after `first` was served: a connection PROTOCOL_ERROR."""
+    c = Conn()
+    served(c, first)
+    c.send(c.headers(then, grpc_head()), c.data(then, get_message("a"), True))
+    expect_goaway(c, PROTOCOL_ERROR)
+
+
 @check("5.1.1 a stream id lower than one already opened is a connection PROTOCOL_ERROR")
 def decreasing_stream_id():
-    c = Conn()
-    served(c, 5)
-    c.send(c.headers(3, grpc_head()), c.data(3, get_message("a"), True))
-    expect_goaway(c, PROTOCOL_ERROR)
+    opens_after(5, 3)
 
 
 @check("5.1.1 a reused stream id is a connection PROTOCOL_ERROR")
 def reused_stream_id():
-    c = Conn()
-    served(c, 1)
-    c.send(c.headers(1, grpc_head()), c.data(1, get_message("a"), True))
-    expect_goaway(c, PROTOCOL_ERROR)
+    opens_after(1, 1)
 
 
 @check("5.1.1 an even stream id from a client is a connection PROTOCOL_ERROR")

@@ -6,21 +6,7 @@ Usage: interop_grpcio.py HOST:PORT. Exit status 0 when every call behaved."""
 import sys
 
 import grpc
-
-
-def varint(n):
-    out = b""
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out += bytes([b | 0x80])
-        else:
-            return out + bytes([b])
-
-
-def field(num, data):
-    return varint(num << 3 | 2) + varint(len(data)) + data
+from pbwire import field
 
 
 def main():
