@@ -255,17 +255,15 @@ pub async fn serve<S: Service>(
     io: glommio::net::TcpStream,
     shutdown: Pin<Box<dyn Future<Output = ()>>>,
 ) -> Ended {
-    let limits = svc.limits();
-    let now = Instant::now();
+    let proto = Proto::new(svc);
     let mut conn = Connection {
-        proto: Proto::new(svc),
+        timeout: glommio::timer::Timer::new(proto.limits.handshake_timeout),
+        proto,
         io,
         shutdown: Some(shutdown),
         hold: None,
         holding: false,
-        limits,
-        timeout: glommio::timer::Timer::new(limits.handshake_timeout),
-        last_activity: now,
+        last_activity: Instant::now(),
         reported_reply_bytes: 0,
     };
     let ended = std::future::poll_fn(|cx| conn.poll(cx)).await;
@@ -280,7 +278,6 @@ struct Connection<S: Service> {
     /// Bounds the wait of held output; made once, reset for each wait.
     hold: Option<glommio::timer::Timer>,
     holding: bool,
-    limits: Limits,
     /// The handshake timeout until the preface is in, then the idle check (re-armed when it
     /// fires rather than on every read: a reset per read would cost the request path).
     timeout: glommio::timer::Timer,
@@ -313,14 +310,14 @@ impl<S: Service> Connection<S> {
             return Some(Ended::Closed);
         }
         let idle_for = now.saturating_duration_since(self.last_activity);
-        if idle_for >= self.limits.idle_timeout && !self.proto.working() {
+        if idle_for >= self.proto.limits.idle_timeout && !self.proto.working() {
             self.proto.svc.count(Event::IdleTimeout);
             self.proto.close_with(code::NO_ERROR);
             return None;
         }
-        let left = self.limits.idle_timeout.saturating_sub(idle_for);
+        let left = self.proto.limits.idle_timeout.saturating_sub(idle_for);
         self.timeout.reset(
-            left.max(self.limits.idle_timeout / 8)
+            left.max(self.proto.limits.idle_timeout / 8)
                 .max(Duration::from_millis(10)),
         );
         // The fresh deadline must be registered with this task's waker.
