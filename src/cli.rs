@@ -30,9 +30,9 @@ pub enum Command {
     /// Print the value of KEY.
     Get {
         key: String,
-        /// Replicas that must answer: one (the node's own replica when it has one), quorum or
-        /// all.
-        #[arg(long, default_value = "quorum", value_parser = ["one", "quorum", "all"])]
+        /// Replicas that must answer: one (the node's own replica when it has one), quorum,
+        /// all, or linearizable (a quorum, and a write-back of what is returned).
+        #[arg(long, default_value = "quorum", value_parser = ["one", "quorum", "all", "linearizable"])]
         consistency: String,
         #[command(flatten)]
         target: Target,
@@ -123,6 +123,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let consistency = match consistency.as_str() {
                 "one" => Consistency::One,
                 "all" => Consistency::All,
+                "linearizable" => Consistency::Linearizable,
                 _ => Consistency::Quorum,
             };
             let mut c = CacheServiceClient::new(channel(&target).await?);

@@ -11,6 +11,10 @@ pub enum Error {
     NotFound { key: String },
     #[error("{0}")]
     InvalidArgument(&'static str),
+    #[error(
+        "unknown consistency level {0} (known: QUORUM = 0, ONE = 1, ALL = 2, LINEARIZABLE = 3)"
+    )]
+    UnknownConsistency(i32),
     #[error("core {core} is saturated; request shed")]
     Overloaded { core: usize },
     #[error("rate limit exceeded")]
@@ -49,7 +53,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::NotFound { .. } => Code::NotFound,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::UnknownConsistency(_) => Code::InvalidArgument,
             Error::Overloaded { .. } | Error::RateLimited | Error::ResponseTooLarge { .. } => {
                 Code::ResourceExhausted
             }
@@ -80,6 +84,7 @@ mod tests {
                 Error::InvalidArgument("key must not be empty"),
                 Code::InvalidArgument,
             ),
+            (Error::UnknownConsistency(7), Code::InvalidArgument),
             (Error::Overloaded { core: 1 }, Code::ResourceExhausted),
             (Error::RateLimited, Code::ResourceExhausted),
             (Error::DeadlineExceeded, Code::DeadlineExceeded),

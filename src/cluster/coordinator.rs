@@ -275,6 +275,10 @@ impl Coordinator {
                 ttl_secs,
                 binary,
             } => {
+                let key = match level {
+                    Level::Linearizable => self.version_above_quorum(shard, key, deadline).await?,
+                    _ => key,
+                };
                 let version = self.engine.next_version();
                 let entry = ReplicaEntry {
                     key,
@@ -287,6 +291,10 @@ impl Coordinator {
                 Ok(Reply::Stored { version })
             }
             Command::Delete { key } => {
+                let key = match level {
+                    Level::Linearizable => self.version_above_quorum(shard, key, deadline).await?,
+                    _ => key,
+                };
                 let entry = ReplicaEntry {
                     key,
                     value: Vec::new(),
@@ -297,19 +305,64 @@ impl Coordinator {
                 let existed = self.replicate(shard, entry, level, deadline).await?;
                 Ok(Reply::Deleted { existed })
             }
-            Command::Get { key } => self.read(shard, key, level, deadline).await,
+            Command::Get { key } => {
+                let key = Rc::new(key);
+                let Learned { newest, settled } =
+                    self.query(shard, Rc::clone(&key), level, deadline).await?;
+                let newest = match newest {
+                    // Nobody had it; replicas that answer later cannot hold anything newer
+                    // than what a quorum lacked.
+                    None => return Err(Error::not_found(&key)),
+                    Some(newest) => newest,
+                };
+                if level == Level::Linearizable && !settled {
+                    // What this read returns must be on a quorum before the answer leaves, or
+                    // a later read could miss it and go back in time.
+                    self.replicate(shard, newest.clone(), Level::Linearizable, deadline)
+                        .await?;
+                }
+                if newest.flags & FLAG_TOMBSTONE != 0 {
+                    return Err(Error::not_found(&key));
+                }
+                Ok(Reply::Value {
+                    binary: newest.flags & FLAG_BINARY != 0,
+                    value: newest.value,
+                    version: newest.version,
+                })
+            }
             // Replica commands never reach the coordinator (ingress sends them to the shard).
             other => self.local(shard, other, deadline),
         }
     }
 
-    async fn read(
+    /// The first round of a LINEARIZABLE write: the newest version a quorum holds, observed by
+    /// this core's clock so that the write's version is above it even when this node's wall
+    /// clock is behind the writer of that version. Gives the key back.
+    async fn version_above_quorum(
         self: &Rc<Self>,
         shard: ShardId,
         key: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Error> {
+        let key = Rc::new(key);
+        let learned = self
+            .query(shard, Rc::clone(&key), Level::Linearizable, deadline)
+            .await?;
+        if let Some(newest) = learned.newest {
+            self.engine.observe(newest.version);
+        }
+        // The read's late answers may still hold the key; then it is copied (keys are short).
+        Ok(Rc::try_unwrap(key).unwrap_or_else(|key| (*key).clone()))
+    }
+
+    /// Reads `key` from the replicas `level` needs and repairs the stale ones it hears from.
+    async fn query(
+        self: &Rc<Self>,
+        shard: ShardId,
+        key: Rc<Vec<u8>>,
         level: Level,
         deadline: Instant,
-    ) -> Response {
+    ) -> Result<Learned, Error> {
         // This node first (its answer costs no round trip), then the fastest live replicas.
         let (replicas, down, needed) = self.plan(&key, level, self.read_quorum)?;
         let total = replicas.len() + down.len();
@@ -324,7 +377,6 @@ impl Coordinator {
         let (tx, rx) =
             local_channel::new_unbounded::<(usize, Result<(Option<ReplicaEntry>, bool), ()>)>();
         let tx = Rc::new(tx);
-        let key = Rc::new(key);
         // Only as many replicas as the level needs are asked (quorum intersection needs no
         // more), and one more for each that fails or is slower than its speculative delay: a
         // QUORUM read of RF=3 costs one remote call, not two.
@@ -453,11 +505,15 @@ impl Coordinator {
         drop(tx);
         let entries: Vec<Option<ReplicaEntry>> = answers.iter().map(|(_, e)| e.clone()).collect();
         let Some((winner, stale)) = resolve(&entries) else {
-            // Nobody had it; replicas that answer later cannot hold anything newer than what a
-            // quorum lacked, so there is nothing to repair.
-            return Err(Error::not_found(&key));
+            // Nobody had it: nothing to repair.
+            return Ok(Learned {
+                newest: None,
+                settled: true,
+            });
         };
         let newest = entries[winner].clone().expect("the winner has an entry");
+        let holders = answers.len() - stale.len();
+        let settled = holders >= required(Level::Linearizable, total, self.write_quorum);
         // Read repair: bring every replica that answered stale or empty up to the winner, now
         // for those that answered in time and in the background for those that answer later.
         // Repairs get their own window: the client's deadline is about its answer, not theirs.
@@ -482,15 +538,20 @@ impl Coordinator {
             })
             .detach();
         }
-        if newest.flags & FLAG_TOMBSTONE != 0 {
-            return Err(Error::not_found(&key));
-        }
-        Ok(Reply::Value {
-            binary: newest.flags & FLAG_BINARY != 0,
-            value: newest.value,
-            version: newest.version,
+        Ok(Learned {
+            newest: Some(newest),
+            settled,
         })
     }
+}
+
+/// What a quorum read learned.
+struct Learned {
+    /// The newest entry among the answers, tombstones included.
+    newest: Option<ReplicaEntry>,
+    /// Whether a write quorum of the answers already held it: a LINEARIZABLE read then needs
+    /// no write-back (the common case when no write is under way).
+    settled: bool,
 }
 
 impl Coordinator {

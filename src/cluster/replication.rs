@@ -10,6 +10,9 @@ pub enum Level {
     One,
     Quorum,
     All,
+    /// Quorum reads and writes with an extra round each (ABD): a majority at least, whatever
+    /// WRITE_QUORUM and READ_QUORUM say, so that every read quorum meets every write quorum.
+    Linearizable,
 }
 
 /// Replicas that must answer for `level`, given `rf` replicas and the configured quorum
@@ -19,6 +22,7 @@ pub fn required(level: Level, rf: usize, quorum: usize) -> usize {
         Level::One => 1,
         Level::Quorum => quorum.min(rf).max(1),
         Level::All => rf.max(1),
+        Level::Linearizable => quorum.max(majority(rf)).min(rf).max(1),
     }
 }
 
@@ -127,6 +131,13 @@ mod tests {
         );
         assert_eq!(required(Level::One, 3, 2), 1);
         assert_eq!(required(Level::All, 3, 2), 3);
+        assert_eq!(required(Level::Linearizable, 3, 2), 2);
+        assert_eq!(
+            required(Level::Linearizable, 3, 1),
+            2,
+            "never less than a majority"
+        );
+        assert_eq!(required(Level::Linearizable, 5, 4), 4);
     }
 
     #[test]

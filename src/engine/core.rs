@@ -188,6 +188,12 @@ impl CoreEngine {
         self.clock.borrow_mut().tick(wall_ms())
     }
 
+    /// Orders this core's later versions after `seen`: a LINEARIZABLE write versions itself
+    /// above the newest version a quorum holds, whatever this node's wall clock says.
+    pub fn observe(&self, seen: Version) {
+        self.clock.borrow_mut().observe(seen);
+    }
+
     /// Milliseconds to live for an entry written now with `ttl_secs` (0 = never), as replicas
     /// exchange it.
     pub fn ttl_ms(ttl_secs: Option<u64>) -> u64 {

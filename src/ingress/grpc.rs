@@ -284,12 +284,14 @@ impl CoreCtx {
     }
 }
 
-fn level_of(c: i32) -> Level {
-    match pb::Consistency::try_from(c) {
+fn level_of(c: i32) -> Result<Level, Error> {
+    Ok(match pb::Consistency::try_from(c) {
+        Ok(pb::Consistency::Quorum) => Level::Quorum,
         Ok(pb::Consistency::One) => Level::One,
         Ok(pb::Consistency::All) => Level::All,
-        _ => Level::Quorum,
-    }
+        Ok(pb::Consistency::Linearizable) => Level::Linearizable,
+        Err(_) => return Err(Error::UnknownConsistency(c)),
+    })
 }
 
 async fn replica_write(
@@ -362,7 +364,7 @@ async fn get(
     deadline: Instant,
 ) -> Result<pb::GetResponse, Error> {
     check_key(&m.key)?;
-    let level = level_of(m.consistency);
+    let level = level_of(m.consistency)?;
     let key = m.key.into_bytes();
     let reply = match ctx
         .route(ctx.shard(&key), Command::Get { key }, deadline, level)
@@ -417,7 +419,7 @@ async fn set(
         Some(0) => None,
         Some(secs) => Some(secs),
     };
-    let level = level_of(m.consistency);
+    let level = level_of(m.consistency)?;
     let key = m.key.into_bytes();
     let reply = ctx
         .route(
@@ -446,7 +448,7 @@ async fn delete(
     deadline: Instant,
 ) -> Result<pb::DeleteResponse, Error> {
     check_key(&m.key)?;
-    let level = level_of(m.consistency);
+    let level = level_of(m.consistency)?;
     let key = m.key.into_bytes();
     match ctx
         .route(ctx.shard(&key), Command::Delete { key }, deadline, level)

@@ -29,11 +29,11 @@ pub async fn start_user_node(uid: u32, addr: &str, seed: &str, extra: &[(&str, &
     Node::start_with(Some(&wrapper), &env).await
 }
 
-/// User ids for one test's nodes: distinct from other tests' (by process id and a tag) and far
-/// above any real account.
-pub fn uids(tag: u32) -> [u32; 3] {
-    let base = 200_000 + (std::process::id() % 10_000) * 40 + tag * 3;
-    [base, base + 1, base + 2]
+/// The user id of one test's node `i` (at most 8 per test): distinct from other tests' (by
+/// process id and a tag) and far above any real account.
+pub fn uid(tag: u32, i: u32) -> u32 {
+    assert!(i < 8 && tag < 16);
+    200_000 + (std::process::id() % 10_000) * 128 + tag * 8 + i
 }
 
 /// Three converged nodes; `first_extra` is more environment for the first one, `extra` for
@@ -46,7 +46,7 @@ pub async fn user_cluster(
     let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut nodes = Vec::new();
-    for (i, uid) in uids(tag).into_iter().enumerate() {
+    for (i, uid) in (0..3).map(|i| uid(tag, i)).enumerate() {
         let mut env = extra.to_vec();
         if i == 0 {
             env.extend_from_slice(first_extra);
@@ -247,6 +247,17 @@ async fn a_cut_replica_leaves_quorum_through_healthy_nodes_and_the_cut_node_fail
             (Code::Unavailable, Code::Unavailable)
         );
         assert!(get.message().contains("live replicas"), "{get:?}");
+        // LINEARIZABLE needs a majority too, and says so the same way.
+        let lin = SetRequest {
+            consistency: Consistency::Linearizable as i32,
+            ..crate::cluster::set("k1", "x")
+        };
+        let lin = c2
+            .set(with_deadline(lin, Duration::from_secs(30)))
+            .await
+            .unwrap_err();
+        assert_eq!(lin.code(), Code::Unavailable);
+        assert!(lin.message().contains("1 of 3 up, 2 needed"), "{lin:?}");
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     }
     // A level this node can meet alone still works.
