@@ -127,6 +127,18 @@ pub struct LoadArgs {
     rpc_timeout: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Consistency level of every request: quorum, one, all or linearizable.
+    #[arg(long, value_enum, default_value = "quorum")]
+    #[serde(skip)]
+    consistency: Level,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Level {
+    Quorum = 0,
+    One = 1,
+    All = 2,
+    Linearizable = 3,
 }
 
 impl LoadArgs {
@@ -155,6 +167,7 @@ impl LoadArgs {
                 read_ratio: self.read_ratio,
                 delete_ratio: self.delete_ratio,
                 dist: self.dist,
+                consistency: self.consistency as i32,
             },
             duration: Duration::from_secs_f64(self.duration),
             requests: self.requests,

@@ -347,7 +347,7 @@ async fn worker(
                 Op::Get => client
                     .get(req.wrap(GetRequest {
                         key,
-                        ..Default::default()
+                        consistency: w.consistency,
                     }))
                     .await
                     .map(|_| true),
@@ -356,14 +356,14 @@ async fn worker(
                         key,
                         payload: Some(set_request::Payload::Value(value.clone())),
                         ttl_seconds: None,
-                        ..Default::default()
+                        consistency: w.consistency,
                     }))
                     .await
                     .map(|_| false),
                 Op::Delete => client
                     .delete(req.wrap(DeleteRequest {
                         key,
-                        ..Default::default()
+                        consistency: w.consistency,
                     }))
                     .await
                     .map(|_| false),

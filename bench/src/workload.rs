@@ -27,6 +27,8 @@ pub struct Workload {
     pub read_ratio: f64,
     pub delete_ratio: f64,
     pub dist: KeyDist,
+    /// The consistency level of every request (pb.Consistency as i32).
+    pub consistency: i32,
 }
 
 /// One worker's stream of operations.
@@ -95,6 +97,7 @@ mod tests {
             read_ratio,
             delete_ratio,
             dist,
+            consistency: 0,
         }
     }
 

@@ -67,6 +67,8 @@ pub struct Coordinator {
     pub speculative: SpeculativeRetry,
     /// Reads that asked one more replica because one was slower than its delay.
     pub speculative_retries: Cell<u64>,
+    /// LINEARIZABLE reads that had to write their answer back.
+    pub write_backs: Cell<u64>,
     /// Replicas left out of a request because the failure detector held them DOWN.
     pub skipped_down: Cell<u64>,
 }
@@ -318,6 +320,7 @@ impl Coordinator {
                 if level == Level::Linearizable && !settled {
                     // What this read returns must be on a quorum before the answer leaves, or
                     // a later read could miss it and go back in time.
+                    self.write_backs.set(self.write_backs.get() + 1);
                     self.replicate(shard, newest.clone(), Level::Linearizable, deadline)
                         .await?;
                 }

@@ -145,6 +145,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         health: std::cell::RefCell::new(Rc::new(Default::default())),
         speculative: config.speculative_retry,
         speculative_retries: Cell::new(0),
+        write_backs: Cell::new(0),
         skipped_down: Cell::new(0),
     });
     if coordinator.hints.enabled() {
@@ -436,6 +437,7 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
         snapshot.replica_calls = ctx.coordinator.peers.outcome_counts();
         snapshot.read_repairs = ctx.coordinator.read_repairs.get();
         snapshot.speculative_retries = ctx.coordinator.speculative_retries.get();
+        snapshot.write_backs = ctx.coordinator.write_backs.get();
         snapshot.skipped_down = ctx.coordinator.skipped_down.get();
         snapshot.peer_scores = ctx
             .coordinator

@@ -125,6 +125,7 @@ impl CoreMetrics {
             replica_calls: Vec::new(),
             read_repairs: 0,
             speculative_retries: 0,
+            write_backs: 0,
             skipped_down: 0,
             peer_scores: Vec::new(),
             http2_events: Vec::new(),
@@ -179,6 +180,8 @@ pub struct CoreSnapshot {
     pub read_repairs: u64,
     /// Reads that asked one more replica after one was slower than its speculative delay.
     pub speculative_retries: u64,
+    /// LINEARIZABLE reads that wrote their answer back to a quorum before answering.
+    pub write_backs: u64,
     /// Replicas left out of requests because the failure detector held them DOWN.
     pub skipped_down: u64,
     /// (peer, latency score in seconds, speculative delay in seconds) as this core sees them.
@@ -436,6 +439,13 @@ impl Collector for SnapshotCollector {
             "Reads that asked one more replica because one was slower than SPECULATIVE_RETRY, \
              by coordinating core.",
             &per_core(&|c| c.speculative_retries),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_linearizable_write_backs",
+            "LINEARIZABLE reads that wrote the value they return back to a quorum first (the \
+             replicas they heard from disagreed), by coordinating core.",
+            &per_core(&|c| c.write_backs),
         )?;
         counter_family(
             &mut encoder,
