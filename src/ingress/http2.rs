@@ -15,7 +15,7 @@
 //! peer's are respected for every DATA frame we send), RST_STREAM, PING, GOAWAY (ours for a
 //! graceful shutdown, and on a protocol error), and stream limits. No server push, no
 //! priorities (both optional; PRIORITY frames are validated and ignored). HPACK is ours both
-//! ways: see `hpack` for decoding; encoding only ever writes a handful of fixed fields.
+//! ways (the `http2` crate's): the encoder indexes only the two fields every reply repeats.
 //!
 //! Every resource a client can make a connection hold is bounded ([`Limits`]): streams (a
 //! reset one counts until its call ends), resets and control frames per second, reply bytes a
@@ -26,6 +26,10 @@
 use super::grpc::{Answer, Call, Method, PREFIX};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use http2::{
+    frame::{self, code},
+    hpack,
+};
 use std::{
     collections::hash_map::Entry,
     collections::HashMap,
@@ -36,8 +40,6 @@ use std::{
 };
 use tonic::{body::Body, Status};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER: usize = 9;
 /// The largest frame we accept: the protocol's default, which we never raise.
 const MAX_FRAME: usize = 16_384;
 /// Holds a whole frame of MAX_FRAME and then some, so a read never waits for room.
@@ -64,10 +66,6 @@ const HOLD: Duration = Duration::from_micros(200);
 const HOLD_MAX: usize = 64 * 1024;
 /// Turns of the connection's loop before it yields to the core's other tasks.
 const BUDGET: usize = 16;
-/// The flow-control window's ceiling, 2^31 - 1.
-const MAX_WINDOW: i64 = (1 << 31) - 1;
-/// The protocol's default initial window.
-const DEFAULT_WINDOW: i64 = 65_535;
 /// Entries one SETTINGS frame may carry: RFC 9113 defines seven settings, and nghttp2 refuses
 /// frames of more than 32 entries for the same reason (each may touch every open stream).
 const MAX_SETTINGS_ENTRIES: usize = 32;
@@ -181,38 +179,6 @@ impl Bucket {
             false
         }
     }
-}
-
-mod frame {
-    pub const DATA: u8 = 0x0;
-    pub const HEADERS: u8 = 0x1;
-    pub const PRIORITY: u8 = 0x2;
-    pub const RST_STREAM: u8 = 0x3;
-    pub const SETTINGS: u8 = 0x4;
-    pub const PUSH_PROMISE: u8 = 0x5;
-    pub const PING: u8 = 0x6;
-    pub const GOAWAY: u8 = 0x7;
-    pub const WINDOW_UPDATE: u8 = 0x8;
-    pub const CONTINUATION: u8 = 0x9;
-
-    pub const END_STREAM: u8 = 0x1;
-    pub const ACK: u8 = 0x1;
-    pub const END_HEADERS: u8 = 0x4;
-    pub const PADDED: u8 = 0x8;
-    pub const PRIORITY_FLAG: u8 = 0x20;
-}
-
-/// Error codes (RFC 9113, section 7).
-mod code {
-    pub const NO_ERROR: u32 = 0x0;
-    pub const PROTOCOL_ERROR: u32 = 0x1;
-    pub const INTERNAL_ERROR: u32 = 0x2;
-    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
-    pub const STREAM_CLOSED: u32 = 0x5;
-    pub const FRAME_SIZE_ERROR: u32 = 0x6;
-    pub const REFUSED_STREAM: u32 = 0x7;
-    pub const COMPRESSION_ERROR: u32 = 0x9;
-    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 }
 
 /// What a connection asks of its core: our unary calls, and everything else.
@@ -502,7 +468,7 @@ struct Proto<S: Service> {
     wbuf: Vec<u8>,
     wpos: usize,
     preface: bool,
-    decoder: super::hpack::Decoder,
+    decoder: hpack::Decoder,
     encoder: Encoder,
     streams: HashMap<u32, Stream, ahash::RandomState>,
     /// The highest stream id the peer opened.
@@ -591,7 +557,7 @@ impl<S: Service> Proto<S> {
             reset_ids: [0; RECENTLY_RESET],
             reset_pos: 0,
             sending_bytes: 0,
-            conn_recv_window: DEFAULT_WINDOW,
+            conn_recv_window: frame::DEFAULT_WINDOW,
             svc,
             rbuf: vec![0; RECV_BUFFER],
             rstart: 0,
@@ -599,13 +565,13 @@ impl<S: Service> Proto<S> {
             wbuf: Vec::with_capacity(16 * 1024),
             wpos: 0,
             preface: false,
-            decoder: super::hpack::Decoder::new(4096),
+            decoder: hpack::Decoder::new(4096),
             encoder: Encoder::default(),
             streams: HashMap::default(),
             last_id: 0,
             continuation: None,
-            conn_send_window: DEFAULT_WINDOW,
-            peer_initial_window: DEFAULT_WINDOW,
+            conn_send_window: frame::DEFAULT_WINDOW,
+            peer_initial_window: frame::DEFAULT_WINDOW,
             peer_max_frame: MAX_FRAME,
             conn_recv_unacked: 0,
             blocked: Vec::new(),
@@ -687,21 +653,21 @@ impl<S: Service> Proto<S> {
         let rbuf = std::mem::take(&mut self.rbuf);
         let mut pos = self.rstart;
         if !self.preface {
-            if self.rend - pos < PREFACE.len() {
+            if self.rend - pos < frame::PREFACE.len() {
                 self.rbuf = rbuf;
                 return;
             }
-            if &rbuf[pos..pos + PREFACE.len()] != PREFACE {
+            if &rbuf[pos..pos + frame::PREFACE.len()] != frame::PREFACE {
                 self.rbuf = rbuf;
                 self.go_away(code::PROTOCOL_ERROR);
                 return;
             }
-            pos += PREFACE.len();
+            pos += frame::PREFACE.len();
             self.preface = true;
             self.greet();
         }
-        while !matches!(self.going_away, Some((_, true))) && self.rend - pos >= FRAME_HEADER {
-            let h = &rbuf[pos..pos + FRAME_HEADER];
+        while !matches!(self.going_away, Some((_, true))) && self.rend - pos >= frame::HEADER_LEN {
+            let h = &rbuf[pos..pos + frame::HEADER_LEN];
             let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
             let (kind, flags) = (h[3], h[4]);
             let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
@@ -709,11 +675,11 @@ impl<S: Service> Proto<S> {
                 self.go_away(code::FRAME_SIZE_ERROR);
                 break;
             }
-            if self.rend - pos < FRAME_HEADER + len {
+            if self.rend - pos < frame::HEADER_LEN + len {
                 break;
             }
-            let payload = &rbuf[pos + FRAME_HEADER..pos + FRAME_HEADER + len];
-            pos += FRAME_HEADER + len;
+            let payload = &rbuf[pos + frame::HEADER_LEN..pos + frame::HEADER_LEN + len];
+            pos += frame::HEADER_LEN + len;
             self.frame(kind, flags, id, payload, now);
         }
         self.rbuf = rbuf;
@@ -731,12 +697,16 @@ impl<S: Service> Proto<S> {
             (0x4, STREAM_WINDOW),          // INITIAL_WINDOW_SIZE
             (0x6, MAX_HEADER_LIST as u32), // MAX_HEADER_LIST_SIZE
         ];
-        put_frame_header(&mut self.wbuf, settings.len() * 6, frame::SETTINGS, 0, 0);
+        frame::put_header(&mut self.wbuf, settings.len() * 6, frame::SETTINGS, 0, 0);
         for (id, value) in settings {
             self.wbuf.extend_from_slice(&id.to_be_bytes());
             self.wbuf.extend_from_slice(&value.to_be_bytes());
         }
-        put_window_update(&mut self.wbuf, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
+        frame::put_window_update(
+            &mut self.wbuf,
+            0,
+            CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
+        );
         self.conn_recv_window = CONNECTION_WINDOW as i64;
     }
 
@@ -783,7 +753,7 @@ impl<S: Service> Proto<S> {
                     if !self.control.take(now) {
                         return self.calm_down(Event::ControlFlood);
                     }
-                    put_frame_header(&mut self.wbuf, 8, frame::PING, frame::ACK, 0);
+                    frame::put_header(&mut self.wbuf, 8, frame::PING, frame::ACK, 0);
                     self.wbuf.extend_from_slice(payload);
                 }
             }
@@ -860,9 +830,9 @@ impl<S: Service> Proto<S> {
         if self.conn_recv_unacked >= CONNECTION_WINDOW / 2 {
             let n = std::mem::take(&mut self.conn_recv_unacked);
             self.conn_recv_window += n as i64;
-            put_window_update(&mut self.wbuf, 0, n);
+            frame::put_window_update(&mut self.wbuf, 0, n);
         }
-        let Some(data) = unpad(flags, payload) else {
+        let Some(data) = frame::unpad(flags, payload) else {
             return self.go_away(code::PROTOCOL_ERROR);
         };
         let end = flags & frame::END_STREAM != 0;
@@ -895,7 +865,7 @@ impl<S: Service> Proto<S> {
             if !end && stream.recv_unacked >= STREAM_WINDOW / 2 {
                 let n = std::mem::take(&mut stream.recv_unacked);
                 stream.recv_window += n as i64;
-                put_window_update(&mut self.wbuf, id, n);
+                frame::put_window_update(&mut self.wbuf, id, n);
             }
         }
         let limit = self.svc.max_recv_msg_bytes();
@@ -958,7 +928,7 @@ impl<S: Service> Proto<S> {
         if id == 0 || id % 2 == 0 {
             return self.go_away(code::PROTOCOL_ERROR);
         }
-        let Some(mut block) = unpad(flags, payload) else {
+        let Some(mut block) = frame::unpad(flags, payload) else {
             return self.go_away(code::PROTOCOL_ERROR);
         };
         let mut self_dependent = false;
@@ -1205,7 +1175,7 @@ impl<S: Service> Proto<S> {
                 0x1 => self.encoder.table_size(value as usize),
                 0x2 if value > 1 => return self.go_away(code::PROTOCOL_ERROR),
                 0x4 => {
-                    if value as i64 > MAX_WINDOW {
+                    if value as i64 > frame::MAX_WINDOW {
                         return self.go_away(code::FLOW_CONTROL_ERROR);
                     }
                     initial_window = Some(value as i64);
@@ -1224,7 +1194,7 @@ impl<S: Service> Proto<S> {
             self.peer_initial_window = value;
             for stream in self.streams.values_mut() {
                 stream.send_window += delta;
-                if stream.send_window > MAX_WINDOW {
+                if stream.send_window > frame::MAX_WINDOW {
                     return self.go_away(code::FLOW_CONTROL_ERROR);
                 }
             }
@@ -1232,7 +1202,7 @@ impl<S: Service> Proto<S> {
                 self.unblock_all();
             }
         }
-        put_frame_header(&mut self.wbuf, 0, frame::SETTINGS, frame::ACK, 0);
+        frame::put_header(&mut self.wbuf, 0, frame::SETTINGS, frame::ACK, 0);
     }
 
     fn peer_window_update(&mut self, id: u32, payload: &[u8]) {
@@ -1246,7 +1216,7 @@ impl<S: Service> Proto<S> {
                 return self.go_away(code::PROTOCOL_ERROR);
             }
             self.conn_send_window += inc as i64;
-            if self.conn_send_window > MAX_WINDOW {
+            if self.conn_send_window > frame::MAX_WINDOW {
                 return self.go_away(code::FLOW_CONTROL_ERROR);
             }
             return self.unblock_all();
@@ -1255,7 +1225,7 @@ impl<S: Service> Proto<S> {
             return;
         };
         stream.send_window += inc as i64;
-        if inc == 0 || stream.send_window > MAX_WINDOW {
+        if inc == 0 || stream.send_window > frame::MAX_WINDOW {
             let code = if inc == 0 {
                 code::PROTOCOL_ERROR
             } else {
@@ -1346,7 +1316,7 @@ impl<S: Service> Proto<S> {
         if owed >= (STREAM_WINDOW / 4) as usize || (owed > 0 && stream.recv_window < 16_384) {
             *granted = consumed;
             stream.recv_window += owed as i64;
-            put_window_update(&mut self.wbuf, id, owed as u32);
+            frame::put_window_update(&mut self.wbuf, id, owed as u32);
         }
     }
 
@@ -1384,7 +1354,7 @@ impl<S: Service> Proto<S> {
             // The usual case: the reply goes straight into the write buffer.
             self.conn_send_window -= len as i64;
             stream.send_window -= len as i64;
-            put_frame_header(&mut self.wbuf, len, frame::DATA, 0, id);
+            frame::put_header(&mut self.wbuf, len, frame::DATA, 0, id);
             answer.encode_framed(&mut self.wbuf);
             self.write_ok_trailers(id);
             return;
@@ -1431,7 +1401,7 @@ impl<S: Service> Proto<S> {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(None) => {
                     stream.out = Out::Done;
-                    put_frame_header(&mut self.wbuf, 0, frame::DATA, frame::END_STREAM, id);
+                    frame::put_header(&mut self.wbuf, 0, frame::DATA, frame::END_STREAM, id);
                     self.close_if_done(id);
                     return Poll::Ready(());
                 }
@@ -1485,7 +1455,7 @@ impl<S: Service> Proto<S> {
                 }
                 return;
             }
-            put_frame_header(&mut self.wbuf, n, frame::DATA, 0, id);
+            frame::put_header(&mut self.wbuf, n, frame::DATA, 0, id);
             self.wbuf.extend_from_slice(&data[..n]);
             bytes::Buf::advance(data, n);
             self.sending_bytes -= n;
@@ -1548,7 +1518,7 @@ impl<S: Service> Proto<S> {
     fn reset(&mut self, id: u32, error: u32) {
         self.reset_ids[self.reset_pos] = id;
         self.reset_pos = (self.reset_pos + 1) % RECENTLY_RESET;
-        put_reset(&mut self.wbuf, id, error);
+        frame::put_reset(&mut self.wbuf, id, error);
     }
 
     /// GOAWAY: for a graceful shutdown (NO_ERROR) the streams already opened finish; after
@@ -1574,7 +1544,7 @@ impl<S: Service> Proto<S> {
             _ => {}
         }
         self.going_away = Some((self.last_id, close));
-        put_frame_header(&mut self.wbuf, 8, frame::GOAWAY, 0, 0);
+        frame::put_header(&mut self.wbuf, 8, frame::GOAWAY, 0, 0);
         self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
         self.wbuf.extend_from_slice(&error.to_be_bytes());
         if close {
@@ -1634,44 +1604,6 @@ fn message_of(held: &[u8], limit: usize, end: bool) -> Result<&[u8], Status> {
     }
 }
 
-/// A frame's payload without its padding; None if the padding does not fit.
-fn unpad(flags: u8, payload: &[u8]) -> Option<&[u8]> {
-    if flags & frame::PADDED == 0 {
-        return Some(payload);
-    }
-    let (&pad, rest) = payload.split_first()?;
-    rest.len().checked_sub(pad as usize).map(|n| &rest[..n])
-}
-
-fn frame_header(len: usize, kind: u8, flags: u8, id: u32) -> [u8; FRAME_HEADER] {
-    let id = id.to_be_bytes();
-    [
-        (len >> 16) as u8,
-        (len >> 8) as u8,
-        len as u8,
-        kind,
-        flags,
-        id[0],
-        id[1],
-        id[2],
-        id[3],
-    ]
-}
-
-fn put_frame_header(buf: &mut Vec<u8>, len: usize, kind: u8, flags: u8, id: u32) {
-    buf.extend_from_slice(&frame_header(len, kind, flags, id));
-}
-
-fn put_reset(buf: &mut Vec<u8>, id: u32, error: u32) {
-    put_frame_header(buf, 4, frame::RST_STREAM, 0, id);
-    buf.extend_from_slice(&error.to_be_bytes());
-}
-
-fn put_window_update(buf: &mut Vec<u8>, id: u32, n: u32) {
-    put_frame_header(buf, 4, frame::WINDOW_UPDATE, 0, id);
-    buf.extend_from_slice(&n.to_be_bytes());
-}
-
 /// The body of a request forwarded to the side thread, fed by the connection; what it hands
 /// on counts as consumed, and wakes the connection to grant the window back.
 struct RequestBody {
@@ -1698,79 +1630,26 @@ impl http_body::Body for RequestBody {
     }
 }
 
-/// HPACK encoding of our responses (RFC 7541). Nothing is Huffman coded. The two fields every
-/// reply carries, `content-type: application/grpc` and `grpc-status: 0`, go into the peer's
-/// dynamic table the first time and are one byte each after that; everything else is a
-/// literal the peer does not index. Both entries (104 bytes of table) stay in the table for
-/// the connection's life, as nothing else is ever added.
-struct Encoder {
-    /// What we added to the peer's table, oldest first.
-    added: Vec<&'static (&'static [u8], &'static [u8])>,
-    /// False once the peer's table is too small to hold both entries.
-    indexing: bool,
-    /// The table size we last told the peer's decoder (4096, the default, until a change).
-    max: usize,
-    /// A size update owed at the start of the next header block.
-    size_update: Option<usize>,
-}
+/// The recurring fields of our replies: every reply carries `content-type:
+/// application/grpc`, and almost every one ends with `grpc-status: 0`; each is one byte after
+/// its first use on a connection (see `http2::hpack::Encoder`).
+static RECURRING: [(&[u8], &[u8]); 2] = [CONTENT_TYPE, STATUS_OK];
+const CONTENT_TYPE: (&[u8], &[u8]) = (b"content-type", b"application/grpc");
+const STATUS_OK: (&[u8], &[u8]) = (b"grpc-status", b"0");
 
-static CONTENT_TYPE: (&[u8], &[u8]) = (b"content-type", b"application/grpc");
-static STATUS_OK: (&[u8], &[u8]) = (b"grpc-status", b"0");
-/// Bytes both entries take in the peer's table (RFC 7541, 4.1: name, value, 32).
-const ADDED_SIZE: usize = 12 + 16 + 32 + 11 + 1 + 32;
+/// HPACK encoding of our replies' header blocks, one frame each.
+struct Encoder(hpack::Encoder);
 
 impl Default for Encoder {
     fn default() -> Self {
-        Self {
-            added: Vec::with_capacity(2),
-            indexing: true,
-            max: 4096,
-            size_update: None,
-        }
+        Encoder(hpack::Encoder::new(&RECURRING))
     }
 }
 
 impl Encoder {
     /// The peer's SETTINGS_HEADER_TABLE_SIZE.
     fn table_size(&mut self, size: usize) {
-        if size >= self.max {
-            return;
-        }
-        self.max = size;
-        self.size_update = Some(size);
-        if size < ADDED_SIZE {
-            self.added.clear();
-            self.indexing = false;
-        }
-    }
-
-    fn begin(&mut self, buf: &mut Vec<u8>) {
-        if let Some(size) = self.size_update.take() {
-            put_int(buf, 5, 0x20, size);
-        }
-    }
-
-    fn field(&mut self, buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-        let known = [&CONTENT_TYPE, &STATUS_OK]
-            .into_iter()
-            .find(|e| e.0 == name && e.1 == value);
-        if let Some(known) = known {
-            if let Some(pos) = self.added.iter().position(|e| std::ptr::eq(*e, known)) {
-                // Index 62 is the newest dynamic entry.
-                put_int(buf, 7, 0x80, 62 + self.added.len() - 1 - pos);
-                return;
-            }
-            if self.indexing {
-                buf.push(0x40); // literal with incremental indexing, new name
-                put_str(buf, name);
-                put_str(buf, value);
-                self.added.push(known);
-                return;
-            }
-        }
-        buf.push(0x00); // literal without indexing, new name
-        put_str(buf, name);
-        put_str(buf, value);
+        self.0.table_size(size);
     }
 
     /// A HEADERS frame with `:status` and `fields` (`content-type: application/grpc` alone
@@ -1783,18 +1662,18 @@ impl Encoder {
         fields: Option<&http::HeaderMap>,
         end: bool,
     ) {
-        let at = self.open(buf);
+        let at = self.0.open(buf);
         if status == http::StatusCode::OK {
-            buf.push(0x88); // static table 8, ":status: 200"
+            self.0.indexed(buf, 8); // ":status: 200"
         } else {
-            put_int(buf, 4, 0x00, 8); // literal, name ":status" from the static table
-            put_str(buf, status.as_str().as_bytes());
+            self.0.static_name(buf, 8, status.as_str().as_bytes());
         }
         match fields {
-            None => self.field(buf, CONTENT_TYPE.0, CONTENT_TYPE.1),
+            None => self.0.field(buf, CONTENT_TYPE.0, CONTENT_TYPE.1),
             Some(fields) => {
                 for (name, value) in fields {
-                    self.field(buf, name.as_str().as_bytes(), value.as_bytes());
+                    self.0
+                        .field(buf, name.as_str().as_bytes(), value.as_bytes());
                 }
             }
         }
@@ -1803,60 +1682,24 @@ impl Encoder {
     }
 
     fn ok_trailers(&mut self, buf: &mut Vec<u8>, id: u32) {
-        let at = self.open(buf);
-        self.field(buf, STATUS_OK.0, STATUS_OK.1);
+        let at = self.0.open(buf);
+        self.0.field(buf, STATUS_OK.0, STATUS_OK.1);
         close(buf, at, id, frame::END_STREAM);
     }
 
     fn trailers(&mut self, buf: &mut Vec<u8>, id: u32, fields: &http::HeaderMap) {
-        let at = self.open(buf);
+        let at = self.0.open(buf);
         for (name, value) in fields {
-            self.field(buf, name.as_str().as_bytes(), value.as_bytes());
+            self.0
+                .field(buf, name.as_str().as_bytes(), value.as_bytes());
         }
         close(buf, at, id, frame::END_STREAM);
     }
-
-    /// Starts a HEADERS frame whose length is filled in by `close`.
-    fn open(&mut self, buf: &mut Vec<u8>) -> usize {
-        let at = buf.len();
-        buf.extend_from_slice(&[0; FRAME_HEADER]);
-        self.begin(buf);
-        at
-    }
 }
 
-/// Fills in the header of the HEADERS frame begun at `at`. Our header blocks are a few fields
-/// (a status message at most a few KiB): one frame holds them.
-fn close(buf: &mut [u8], at: usize, id: u32, flags: u8) {
-    let len = buf.len() - at - FRAME_HEADER;
-    buf[at..at + FRAME_HEADER].copy_from_slice(&frame_header(
-        len,
-        frame::HEADERS,
-        flags | frame::END_HEADERS,
-        id,
-    ));
-}
-
-/// An HPACK integer with an `n`-bit prefix (RFC 7541, 5.1).
-pub(super) fn put_int(buf: &mut Vec<u8>, n: u8, flags: u8, value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        buf.push(flags | value as u8);
-        return;
-    }
-    buf.push(flags | max as u8);
-    let mut rest = value - max;
-    while rest >= 128 {
-        buf.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    buf.push(rest as u8);
-}
-
-/// An HPACK string literal, not Huffman coded.
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    put_int(buf, 7, 0x00, s.len());
-    buf.extend_from_slice(s);
+/// Ends the HEADERS frame begun at `at` (CONTINUATION frames if the peer's frames are small).
+fn close(buf: &mut Vec<u8>, at: usize, id: u32, flags: u8) {
+    hpack::Encoder::close(buf, at, id, flags, frame::DEFAULT_MAX_FRAME);
 }
 
 #[cfg(test)]
@@ -1966,13 +1809,13 @@ mod tests {
                 encoder: loona_hpack::Encoder::new(),
                 decoder: loona_hpack::Decoder::new(),
             };
-            let mut bytes = PREFACE.to_vec();
+            let mut bytes = frame::PREFACE.to_vec();
             let mut payload = vec![];
             for (k, v) in settings {
                 payload.extend_from_slice(&k.to_be_bytes());
                 payload.extend_from_slice(&v.to_be_bytes());
             }
-            put_frame_header(&mut bytes, payload.len(), frame::SETTINGS, 0, 0);
+            frame::put_header(&mut bytes, payload.len(), frame::SETTINGS, 0, 0);
             bytes.extend_from_slice(&payload);
             peer.feed(&bytes);
             let sent = peer.sent();
@@ -2010,7 +1853,7 @@ mod tests {
             while !rest.is_empty() {
                 let len = (rest[0] as usize) << 16 | (rest[1] as usize) << 8 | rest[2] as usize;
                 let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
-                let payload = rest[FRAME_HEADER..FRAME_HEADER + len].to_vec();
+                let payload = rest[frame::HEADER_LEN..frame::HEADER_LEN + len].to_vec();
                 let fields = if rest[3] == frame::HEADERS {
                     let fields = self.decoder.decode(&payload).expect("our HPACK decodes");
                     fields
@@ -2029,7 +1872,7 @@ mod tests {
                     payload,
                     fields,
                 });
-                rest = &rest[FRAME_HEADER + len..];
+                rest = &rest[frame::HEADER_LEN + len..];
             }
             frames
         }
@@ -2045,7 +1888,7 @@ mod tests {
                 (b"grpc-timeout", b"4999998u"),
             ]);
             let mut bytes = vec![];
-            put_frame_header(&mut bytes, block.len(), frame::HEADERS, flags, id);
+            frame::put_header(&mut bytes, block.len(), frame::HEADERS, flags, id);
             bytes.extend_from_slice(&block);
             bytes
         }
@@ -2054,7 +1897,7 @@ mod tests {
         fn request(&mut self, id: u32, message: &[u8]) -> Vec<u8> {
             let mut bytes = self.headers(id, "/pb.CacheService/Get", frame::END_HEADERS);
             let data = framed(message);
-            put_frame_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
+            frame::put_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
             bytes.extend_from_slice(&data);
             bytes
         }
@@ -2119,11 +1962,11 @@ mod tests {
     fn a_request_split_over_continuation_padding_and_many_data_frames_is_served() {
         let mut peer = Peer::new();
         let whole = peer.headers(1, "/pb.CacheService/Get", 0);
-        let block = &whole[FRAME_HEADER..];
+        let block = &whole[frame::HEADER_LEN..];
         let (a, b) = block.split_at(block.len() / 2);
         let mut bytes = vec![];
         // HEADERS, padded, without END_HEADERS; then CONTINUATION.
-        put_frame_header(
+        frame::put_header(
             &mut bytes,
             1 + a.len() + 3,
             frame::HEADERS,
@@ -2133,7 +1976,7 @@ mod tests {
         bytes.push(3);
         bytes.extend_from_slice(a);
         bytes.extend_from_slice(&[0, 0, 0]);
-        put_frame_header(
+        frame::put_header(
             &mut bytes,
             b.len(),
             frame::CONTINUATION,
@@ -2145,14 +1988,14 @@ mod tests {
         let data = framed(b"some-key");
         for (i, byte) in data.iter().enumerate() {
             if i % 2 == 0 {
-                put_frame_header(&mut bytes, 3, frame::DATA, frame::PADDED, 1);
+                frame::put_header(&mut bytes, 3, frame::DATA, frame::PADDED, 1);
                 bytes.extend_from_slice(&[1, *byte, 0]);
             } else {
-                put_frame_header(&mut bytes, 1, frame::DATA, 0, 1);
+                frame::put_header(&mut bytes, 1, frame::DATA, 0, 1);
                 bytes.push(*byte);
             }
         }
-        put_frame_header(&mut bytes, 0, frame::DATA, frame::END_STREAM, 1);
+        frame::put_header(&mut bytes, 0, frame::DATA, frame::END_STREAM, 1);
         // Arriving one byte at a time, too.
         for b in &bytes {
             peer.feed(std::slice::from_ref(b));
@@ -2165,14 +2008,14 @@ mod tests {
         let mut peer = Peer::new();
         let mut bytes = peer.headers(1, "/pb.CacheService/Get", frame::END_HEADERS);
         let data = framed(b"key");
-        put_frame_header(&mut bytes, data.len(), frame::DATA, 0, 1);
+        frame::put_header(&mut bytes, data.len(), frame::DATA, 0, 1);
         bytes.extend_from_slice(&data);
         peer.feed(&bytes);
         assert!(peer.sent().is_empty(), "answered before END_STREAM");
 
         let status_of = |peer: &mut Peer, id: u32, data: &[u8]| {
             let mut bytes = peer.headers(id, "/pb.CacheService/Get", frame::END_HEADERS);
-            put_frame_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
+            frame::put_header(&mut bytes, data.len(), frame::DATA, frame::END_STREAM, id);
             bytes.extend_from_slice(data);
             peer.feed(&bytes);
             let sent = peer.sent();
@@ -2201,7 +2044,7 @@ mod tests {
     fn an_oversized_message_is_refused_from_its_prefix_alone() {
         let mut peer = Peer::new();
         let mut bytes = peer.headers(1, "/pb.CacheService/Get", frame::END_HEADERS);
-        put_frame_header(&mut bytes, 5, frame::DATA, 0, 1);
+        frame::put_header(&mut bytes, 5, frame::DATA, 0, 1);
         bytes.extend_from_slice(&[0, 0, 0, 0x03, 0xe9]); // 1001 bytes, the limit is 1000
         peer.feed(&bytes);
         let sent = peer.sent();
@@ -2217,7 +2060,7 @@ mod tests {
         );
         // What the client sent before it saw the reset is dropped quietly.
         let mut more = vec![];
-        put_frame_header(&mut more, 3, frame::DATA, frame::END_STREAM, 1);
+        frame::put_header(&mut more, 3, frame::DATA, frame::END_STREAM, 1);
         more.extend_from_slice(b"abc");
         peer.feed(&more);
         assert!(peer.sent().is_empty());
@@ -2238,7 +2081,7 @@ mod tests {
             .sum();
         assert_eq!(data, 100, "{sent:?}");
         let mut update = vec![];
-        put_frame_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 1);
+        frame::put_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 1);
         update.extend_from_slice(&1_000_000u32.to_be_bytes());
         peer.feed(&update);
         // The connection window (65,535) stops it next.
@@ -2255,7 +2098,7 @@ mod tests {
             "no trailers yet"
         );
         let mut update = vec![];
-        put_frame_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 0);
+        frame::put_header(&mut update, 4, frame::WINDOW_UPDATE, 0, 0);
         update.extend_from_slice(&1_000_000u32.to_be_bytes());
         peer.feed(&update);
         let sent = peer.sent();
@@ -2274,11 +2117,11 @@ mod tests {
     fn ping_settings_and_unknown_frames() {
         let mut peer = Peer::new();
         let mut bytes = vec![];
-        put_frame_header(&mut bytes, 8, frame::PING, 0, 0);
+        frame::put_header(&mut bytes, 8, frame::PING, 0, 0);
         bytes.extend_from_slice(b"12345678");
-        put_frame_header(&mut bytes, 3, 0xee, 0, 0); // unknown type: ignored
+        frame::put_header(&mut bytes, 3, 0xee, 0, 0); // unknown type: ignored
         bytes.extend_from_slice(b"xyz");
-        put_frame_header(&mut bytes, 0, frame::SETTINGS, frame::ACK, 0);
+        frame::put_header(&mut bytes, 0, frame::SETTINGS, frame::ACK, 0);
         peer.feed(&bytes);
         let sent = peer.sent();
         assert_eq!(sent.len(), 1, "{sent:?}");
@@ -2290,8 +2133,12 @@ mod tests {
     fn protocol_errors_end_the_connection_with_goaway() {
         for bad in [
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            [PREFACE, &[0, 0, 1, frame::SETTINGS, 0, 0, 0, 0, 0, 9]].concat(), // length not x6
-            [PREFACE, &[0, 0x40, 1, frame::DATA, 0, 0, 0, 0, 1]].concat(),     // over MAX_FRAME
+            [
+                frame::PREFACE,
+                &[0, 0, 1, frame::SETTINGS, 0, 0, 0, 0, 0, 9],
+            ]
+            .concat(), // length not x6
+            [frame::PREFACE, &[0, 0x40, 1, frame::DATA, 0, 0, 0, 0, 1]].concat(), // over MAX_FRAME
         ] {
             let mut proto = Proto::new(Fake::default());
             let room = proto.room();
@@ -2300,7 +2147,7 @@ mod tests {
             assert_eq!(proto.finished(), Some(Ended::Closed));
             assert!(!proto.wants_input());
             let out = proto.output();
-            let goaway = out.len() - FRAME_HEADER - 8;
+            let goaway = out.len() - frame::HEADER_LEN - 8;
             assert_eq!(out[goaway + 3], frame::GOAWAY, "{out:?}");
         }
     }
@@ -2343,7 +2190,7 @@ mod tests {
         assert_eq!((sent[0].kind, sent[0].id), (frame::RST_STREAM, over));
         assert_eq!(sent[0].payload, code::REFUSED_STREAM.to_be_bytes());
         let mut rst = vec![];
-        put_frame_header(&mut rst, 4, frame::RST_STREAM, 0, 1);
+        frame::put_header(&mut rst, 4, frame::RST_STREAM, 0, 1);
         let cancel: u32 = 0x8; // CANCEL, which the server itself never sends
         rst.extend_from_slice(&cancel.to_be_bytes());
         peer.feed(&rst);
@@ -2375,7 +2222,7 @@ mod tests {
         for i in 0..=limit {
             let id = 2 * i + 1;
             bytes.extend(peer.request(id, b"key"));
-            put_frame_header(&mut bytes, 4, frame::RST_STREAM, 0, id);
+            frame::put_header(&mut bytes, 4, frame::RST_STREAM, 0, id);
             bytes.extend_from_slice(&0x8u32.to_be_bytes());
         }
         peer.feed(&bytes);
@@ -2388,7 +2235,7 @@ mod tests {
         let mut peer = Peer::new();
         let mut bytes = vec![];
         for _ in 0..=Limits::default().control_frames_per_sec {
-            put_frame_header(&mut bytes, 8, frame::PING, 0, 0);
+            frame::put_header(&mut bytes, 8, frame::PING, 0, 0);
             bytes.extend_from_slice(&[0; 8]);
         }
         peer.feed(&bytes);
@@ -2402,9 +2249,9 @@ mod tests {
     fn other_requests_are_forwarded_and_their_bodies_streamed_back() {
         let mut peer = Peer::new();
         let mut bytes = peer.headers(1, "/grpc.health.v1.Health/Check", frame::END_HEADERS);
-        put_frame_header(&mut bytes, 4, frame::DATA, 0, 1);
+        frame::put_header(&mut bytes, 4, frame::DATA, 0, 1);
         bytes.extend_from_slice(b"abcd");
-        put_frame_header(&mut bytes, 2, frame::DATA, frame::END_STREAM, 1);
+        frame::put_header(&mut bytes, 2, frame::DATA, frame::END_STREAM, 1);
         bytes.extend_from_slice(b"ef");
         peer.feed(&bytes);
         let sent = peer.sent();
@@ -2574,7 +2421,7 @@ mod tests {
                     if *end_headers {
                         flags |= frame::END_HEADERS;
                     }
-                    put_frame_header(&mut out, payload.len(), frame::HEADERS, flags, *id);
+                    frame::put_header(&mut out, payload.len(), frame::HEADERS, flags, *id);
                     out.extend_from_slice(&payload);
                 }
                 Step::Data {
@@ -2593,7 +2440,7 @@ mod tests {
                     };
                     let mut flags = if *end_stream { frame::END_STREAM } else { 0 };
                     pad(&mut flags, &mut payload, *padded);
-                    put_frame_header(&mut out, payload.len(), frame::DATA, flags, *id);
+                    frame::put_header(&mut out, payload.len(), frame::DATA, flags, *id);
                     out.extend_from_slice(&payload);
                 }
                 Step::Continuation {
@@ -2602,22 +2449,22 @@ mod tests {
                     bytes,
                 } => {
                     let flags = if *end_headers { frame::END_HEADERS } else { 0 };
-                    put_frame_header(&mut out, bytes.len(), frame::CONTINUATION, flags, *id);
+                    frame::put_header(&mut out, bytes.len(), frame::CONTINUATION, flags, *id);
                     out.extend_from_slice(bytes);
                 }
-                Step::Reset(id, code) => put_reset(&mut out, *id, *code),
+                Step::Reset(id, code) => frame::put_reset(&mut out, *id, *code),
                 Step::Settings(entries, ack) => {
                     let flags = if *ack { frame::ACK } else { 0 };
                     let n = if *ack { 0 } else { entries.len() };
-                    put_frame_header(&mut out, n * 6, frame::SETTINGS, flags, 0);
+                    frame::put_header(&mut out, n * 6, frame::SETTINGS, flags, 0);
                     for (k, v) in entries.iter().take(n) {
                         out.extend_from_slice(&k.to_be_bytes());
                         out.extend_from_slice(&v.to_be_bytes());
                     }
                 }
-                Step::WindowUpdate(id, n) => put_window_update(&mut out, *id, *n),
+                Step::WindowUpdate(id, n) => frame::put_window_update(&mut out, *id, *n),
                 Step::Ping(ack) => {
-                    put_frame_header(
+                    frame::put_header(
                         &mut out,
                         8,
                         frame::PING,
@@ -2627,18 +2474,18 @@ mod tests {
                     out.extend_from_slice(&[1; 8]);
                 }
                 Step::Priority(id, len, dep) => {
-                    put_frame_header(&mut out, *len as usize, frame::PRIORITY, 0, *id);
+                    frame::put_header(&mut out, *len as usize, frame::PRIORITY, 0, *id);
                     let mut p = dep.to_be_bytes().to_vec();
                     p.push(7);
                     p.resize(*len as usize, 0);
                     out.extend_from_slice(&p);
                 }
                 Step::GoAway => {
-                    put_frame_header(&mut out, 8, frame::GOAWAY, 0, 0);
+                    frame::put_header(&mut out, 8, frame::GOAWAY, 0, 0);
                     out.extend_from_slice(&[0; 8]);
                 }
                 Step::Unknown(kind, bytes) => {
-                    put_frame_header(&mut out, bytes.len(), *kind, 0, 1);
+                    frame::put_header(&mut out, bytes.len(), *kind, 0, 1);
                     out.extend_from_slice(bytes);
                 }
                 Step::Garbage(bytes) => out.extend_from_slice(bytes),
@@ -2689,8 +2536,8 @@ mod tests {
                 let mut proto = Proto::new(fake.clone());
                 let mut encoder = loona_hpack::Encoder::new();
                 let mut reading = true;
-                let mut input = PREFACE.to_vec();
-                put_frame_header(&mut input, 0, frame::SETTINGS, 0, 0);
+                let mut input = frame::PREFACE.to_vec();
+                frame::put_header(&mut input, 0, frame::SETTINGS, 0, 0);
                 let cx = &mut Context::from_waker(std::task::Waker::noop());
                 // Ids as a client uses them: new streams in increasing order, frames on the
                 // streams opened so far; now and then an id of the raw step, valid or not.

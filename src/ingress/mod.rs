@@ -2,13 +2,12 @@
 //! other cores' requests, and accepts gRPC connections on the shared ADDR (SO_REUSEPORT: the
 //! kernel spreads connections over the cores), serving HTTP/2 on the core itself.
 //!
-//! - [`http2`]: the HTTP/2 server connection, and [`hpack`] its header decoding.
+//! - [`http2`]: the HTTP/2 server connection (frames and HPACK from the `http2` crate).
 //! - [`grpc`]: the CacheService and PeerService methods and routing to the owning core.
 //! - [`io`]: hyper <-> glommio adapters, for the node's HTTP/2 client to its peers.
 //! - [`side`]: reflection, health and Stats on a side thread.
 
 pub mod grpc;
-pub mod hpack;
 pub mod http2;
 pub mod io;
 pub mod side;

@@ -1,4 +1,4 @@
-//! HPACK decoding (RFC 7541) for the HTTP/2 server: the request header blocks.
+//! HPACK decoding (RFC 7541): the header blocks a peer sends.
 //!
 //! Ours because the crates on offer cost more than the rest of a request: loona-hpack builds a
 //! hash map of the whole Huffman code for every Huffman-coded string it decodes (a client's
@@ -362,7 +362,7 @@ mod tests {
             s.to_vec()
         };
         let mut len = vec![];
-        super::super::http2::put_int(&mut len, 7, if huffman { 0x80 } else { 0 }, bytes.len());
+        crate::hpack::put_int(&mut len, 7, if huffman { 0x80 } else { 0 }, bytes.len());
         out.extend_from_slice(&len);
         out.extend_from_slice(&bytes);
     }

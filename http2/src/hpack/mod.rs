@@ -1,0 +1,7 @@
+//! HPACK (RFC 7541): [`Decoder`] for header blocks received, [`Encoder`] for those sent.
+
+mod decode;
+mod encode;
+
+pub use decode::{Decoder, Error};
+pub use encode::{put_int, put_str, Encoder};

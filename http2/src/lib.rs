@@ -1,0 +1,15 @@
+//! HTTP/2 (RFC 9113) and HPACK (RFC 7541), as a thread-per-core node needs them, and nothing
+//! of what travels over them (no gRPC, no protobuf).
+//!
+//! - [`frame`]: frame and error-code numbers, frame headers, and the small frames written
+//!   whole (RST_STREAM, WINDOW_UPDATE, SETTINGS, PING, GOAWAY).
+//! - [`hpack`]: header compression both ways: a decoder with the static table and Huffman
+//!   code, and an encoder that indexes only the fields its user names as repeated.
+//! - [`client`]: a client connection as a state machine with no I/O of its own (bytes in,
+//!   responses out; the caller returns flow-control credit as it consumes what arrived), and
+//!   [`client::Client`], its driver on a glommio executor: many concurrent requests over one
+//!   TCP connection, each awaited on its own.
+
+pub mod client;
+pub mod frame;
+pub mod hpack;
