@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod degraded;
 mod grpcurl;
+mod h2client;
 mod h2conformance;
 mod histories;
 mod interop;

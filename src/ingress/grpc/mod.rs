@@ -4,6 +4,11 @@
 //! buffer. The only module that sees prost types besides the HTTP/2 connection. Runs on every
 //! core's executor; nothing here locks, logs per request or allocates beyond the decoded
 //! message, the call's future and the reply.
+//!
+//! [`client`] is the other direction: unary calls to another node over the `http2` crate's
+//! client.
+
+pub mod client;
 
 use super::CoreCtx;
 use crate::{
