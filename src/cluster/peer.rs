@@ -1,52 +1,32 @@
 //! Node-to-node calls from a core: each core keeps its own HTTP/2 connection to each peer
-//! (hyper's client over glommio sockets, tonic's codec on top), so no connection pool is shared
-//! between cores and nothing locks. A broken connection is dropped and the next call dials
-//! again. Runs on the core's executor.
+//! (the `http2` crate's client on the core's executor, gRPC framing from
+//! `ingress::grpc::client`), so no connection pool is shared between cores and nothing locks.
+//! A broken connection is dropped and the next call dials again.
 
 use super::snitch::{CallEnd, PeerLatency, SpeculativeRetry};
 use crate::{
     engine::{command::ReplicaEntry, hlc::Version},
-    ingress::io::{GlommioIo, LocalExec},
+    ingress::grpc::client::{unary, RECURRING},
     pb,
 };
 use futures_lite::future;
-use http::uri::PathAndQuery;
+use http2::client::Client;
 use std::{
     cell::RefCell,
     collections::HashMap,
-    future::Future,
     net::{SocketAddr, ToSocketAddrs},
-    pin::Pin,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
-use tonic::{body::Body, codegen::Service, Status};
+use tonic::Status;
 
-type Sender = hyper::client::conn::http2::SendRequest<Body>;
+/// The largest answer a peer may send (an entry with its value): peers are trusted to answer
+/// what was asked, this only keeps a broken one from filling memory.
+const MAX_PEER_REPLY: usize = 1 << 30;
 
-/// One HTTP/2 connection as the tower service tonic's client wants.
-#[derive(Clone)]
-struct PeerConn(Sender);
-
-impl Service<http::Request<Body>> for PeerConn {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        Box::pin(self.0.send_request(req))
-    }
-}
-
-/// This core's connections to other nodes, by address (with the origin URI tonic wants, parsed
-/// once per connection rather than per call), and what its calls to each peer showed.
+/// This core's connections to other nodes, by address, and what its calls to each peer showed.
 #[derive(Default)]
 pub struct PeerClients {
-    conns: RefCell<HashMap<String, (Sender, http::Uri)>>,
+    conns: RefCell<HashMap<String, Client>>,
     calls: RefCell<HashMap<String, PeerCalls>>,
 }
 
@@ -63,23 +43,6 @@ pub const OUTCOMES: [&str; 3] = ["ok", "error", "timeout"];
 
 /// How long a dial may take before the peer counts as unreachable for this call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-async fn with_deadline<T>(
-    deadline: Instant,
-    fut: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(Status::deadline_exceeded(
-            "deadline passed before the replica call",
-        ));
-    }
-    future::or(fut, async move {
-        glommio::timer::sleep(left).await;
-        Err(Status::deadline_exceeded("replica did not answer in time"))
-    })
-    .await
-}
 
 /// The socket address of `addr`. A peer named by host name (a compose service, say) is looked
 /// up on the executor's blocking thread: getaddrinfo may wait seconds on a resolver, and on the
@@ -105,28 +68,18 @@ async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 impl PeerClients {
-    async fn connect(addr: &str) -> Result<Sender, Status> {
+    async fn connect(addr: &str, deadline: Instant) -> Result<Client, Status> {
         let dial = async {
-            let stream = match resolve(addr).await {
-                Ok(sockaddr) => glommio::net::TcpStream::connect(sockaddr).await,
-                Err(e) => Err(e.into()),
-            }
-            .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-            let _ = stream.set_nodelay(true);
-            let (sender, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
-                .handshake::<_, Body>(GlommioIo::new(stream))
+            let sockaddr = resolve(addr)
                 .await
-                .map_err(|e| {
-                    Status::unavailable(format!("HTTP/2 handshake with {addr} failed: {e}"))
-                })?;
-            glommio::spawn_local(async move {
-                let _ = conn.await;
-            })
-            .detach();
-            Ok(sender)
+                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+            Client::connect(sockaddr, &RECURRING)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))
         };
+        let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
         future::or(dial, async {
-            glommio::timer::sleep(CONNECT_TIMEOUT).await;
+            glommio::timer::sleep(wait).await;
             Err(Status::unavailable(format!(
                 "cannot reach {addr}: connect timed out"
             )))
@@ -134,20 +87,15 @@ impl PeerClients {
         .await
     }
 
-    async fn sender(&self, addr: &str) -> Result<(Sender, http::Uri), Status> {
-        if let Some((s, origin)) = self.conns.borrow().get(addr) {
-            if !s.is_closed() {
-                return Ok((s.clone(), origin.clone()));
+    async fn client(&self, addr: &str, deadline: Instant) -> Result<Client, Status> {
+        if let Some(c) = self.conns.borrow().get(addr) {
+            if !c.is_closed() {
+                return Ok(c.clone());
             }
         }
-        let origin: http::Uri = format!("http://{addr}")
-            .parse()
-            .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
-        let s = Self::connect(addr).await?;
-        self.conns
-            .borrow_mut()
-            .insert(addr.to_string(), (s.clone(), origin.clone()));
-        Ok((s, origin))
+        let c = Self::connect(addr, deadline).await?;
+        self.conns.borrow_mut().insert(addr.to_string(), c.clone());
+        Ok(c)
     }
 
     fn forget(&self, addr: &str) {
@@ -162,30 +110,24 @@ impl PeerClients {
         deadline: Instant,
     ) -> Result<R, Status>
     where
-        M: prost::Message + Send + Sync + 'static,
-        R: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message,
+        R: prost::Message + Default,
     {
         let call = async {
-            let (sender, origin) = self.sender(addr).await?;
-            let mut grpc = tonic::client::Grpc::with_origin(PeerConn(sender), origin);
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(format!("connection to {addr} failed: {e}")))?;
-            let mut req = tonic::Request::new(msg);
-            // The client's deadline travels with the call, so the replica drops work nobody
-            // waits for any more.
-            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            grpc.unary(
-                req,
-                PathAndQuery::from_static(path),
-                tonic_prost::ProstCodec::<M, R>::default(),
-            )
-            .await
-            .map(tonic::Response::into_inner)
+            let client = self.client(addr, deadline).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Status::deadline_exceeded(
+                    "deadline passed before the replica call",
+                ));
+            }
+            // The client's deadline travels with the call (grpc-timeout), so the replica drops
+            // work nobody waits for any more.
+            unary(&client, addr, path, &msg, left, MAX_PEER_REPLY).await
         };
         let started = Instant::now();
         self.with_calls(addr, |c| c.latency.started(started));
-        let result = with_deadline(deadline, call).await;
+        let result = call.await;
         let (outcome, end) = match &result {
             Ok(_) => (0, CallEnd::Answered),
             Err(s) if s.code() == tonic::Code::DeadlineExceeded => (2, CallEnd::TimedOut),

@@ -4,12 +4,10 @@
 //!
 //! - [`http2`]: the HTTP/2 server connection (frames and HPACK from the `http2` crate).
 //! - [`grpc`]: the CacheService and PeerService methods and routing to the owning core.
-//! - [`io`]: hyper <-> glommio adapters, for the node's HTTP/2 client to its peers.
 //! - [`side`]: reflection, health and Stats on a side thread.
 
 pub mod grpc;
 pub mod http2;
-pub mod io;
 pub mod side;
 
 use crate::observability::metrics::CoreMetrics;
