@@ -4,7 +4,8 @@
 # 16 connections x 16 streams of gRPC-framed Get POSTs to /pb.CacheService/Get. Where the
 # node's count exceeds nghttpd's is what gRPC, the cache and our HTTP/2 cost beyond HTTP/2 in
 # C. Usage: bench/h2-instructions.sh node|nghttpd (about a minute each); the profiles stay in
-# $OUT for callgrind_annotate. Build first: cargo build --release --workspace.
+# $OUT for callgrind_annotate. NODE=path counts another build of the node. Build first:
+# cargo build --release --workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 server=${1:?node or nghttpd}
@@ -20,7 +21,7 @@ mkdir -p "$docroot/pb.CacheService"; head -c 100 /dev/zero | tr '\0' v > "$docro
 VG=(valgrind --tool=callgrind --fair-sched=yes --callgrind-out-file="$OUT/h2-$server.%p")
 if [ "$server" = node ]; then
     # One core: see callgrind.sh for why valgrind cannot run two of glommio's.
-    ADDR=127.0.0.1:$port CORES=1 NUM_SHARDS=1 RUST_LOG=error "${VG[@]}" "$BIN/distributed-cache" > "$OUT/h2-$server.log" 2>&1 &
+    ADDR=127.0.0.1:$port CORES=1 NUM_SHARDS=1 RUST_LOG=error "${VG[@]}" "${NODE:-$BIN/distributed-cache}" > "$OUT/h2-$server.log" 2>&1 &
 else
     "${VG[@]}" nghttpd --no-tls -n 1 -a 127.0.0.1 -d "$docroot" "$port" > "$OUT/h2-$server.log" 2>&1 &
 fi
