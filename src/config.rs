@@ -98,7 +98,7 @@ pub struct Config {
     /// When a read waiting for a slow replica asks one more (SPECULATIVE_RETRY).
     pub speculative_retry: crate::cluster::snitch::SpeculativeRetry,
     /// Each client connection's bounds (HTTP2_* variables).
-    pub http2: crate::ingress::http2::Limits,
+    pub http2: crate::ingress::grpc::server::Limits,
     /// Client connections the node serves at once (split over its cores); more are turned
     /// away with GOAWAY.
     pub max_connections: usize,
@@ -424,7 +424,7 @@ impl Config {
                 .map_err(|reason: String| invalid("SPECULATIVE_RETRY", value, reason))?,
         };
 
-        let default_limits = crate::ingress::http2::Limits::default();
+        let default_limits = crate::ingress::grpc::server::Limits::default();
         let u32_of = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let conn_reply_bytes = parse_u64(
             "HTTP2_CONN_REPLY_BUFFER",
@@ -432,29 +432,32 @@ impl Config {
             (default_limits.conn_reply_bytes as u64).max(max_send + (64 << 10)),
             max_send + 5,
         )?;
-        let http2 = crate::ingress::http2::Limits {
-            handshake_timeout: parse_secs(
-                "HTTP2_HANDSHAKE_TIMEOUT",
-                &raw.http2_handshake_timeout,
-                default_limits.handshake_timeout,
-            )?,
-            idle_timeout: parse_secs(
-                "HTTP2_IDLE_TIMEOUT",
-                &raw.http2_idle_timeout,
-                default_limits.idle_timeout,
-            )?,
-            resets_per_sec: u32_of(parse_u64(
-                "HTTP2_MAX_RESETS_PER_SEC",
-                &raw.http2_max_resets_per_sec,
-                default_limits.resets_per_sec as u64,
-                1,
-            )?),
-            control_frames_per_sec: u32_of(parse_u64(
-                "HTTP2_MAX_CONTROL_FRAMES_PER_SEC",
-                &raw.http2_max_control_frames_per_sec,
-                default_limits.control_frames_per_sec as u64,
-                1,
-            )?),
+        let default_protocol = default_limits.protocol;
+        let http2 = crate::ingress::grpc::server::Limits {
+            protocol: http2::server::Limits {
+                handshake_timeout: parse_secs(
+                    "HTTP2_HANDSHAKE_TIMEOUT",
+                    &raw.http2_handshake_timeout,
+                    default_protocol.handshake_timeout,
+                )?,
+                idle_timeout: parse_secs(
+                    "HTTP2_IDLE_TIMEOUT",
+                    &raw.http2_idle_timeout,
+                    default_protocol.idle_timeout,
+                )?,
+                resets_per_sec: u32_of(parse_u64(
+                    "HTTP2_MAX_RESETS_PER_SEC",
+                    &raw.http2_max_resets_per_sec,
+                    default_protocol.resets_per_sec as u64,
+                    1,
+                )?),
+                control_frames_per_sec: u32_of(parse_u64(
+                    "HTTP2_MAX_CONTROL_FRAMES_PER_SEC",
+                    &raw.http2_max_control_frames_per_sec,
+                    default_protocol.control_frames_per_sec as u64,
+                    1,
+                )?),
+            },
             conn_reply_bytes: usize::try_from(conn_reply_bytes).unwrap_or(usize::MAX),
             core_reply_bytes: usize::try_from(parse_u64(
                 "HTTP2_CORE_REPLY_BUFFER",

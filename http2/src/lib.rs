@@ -9,7 +9,11 @@
 //!   responses out; the caller returns flow-control credit as it consumes what arrived), and
 //!   [`client::Client`], its driver on a glommio executor: many concurrent requests over one
 //!   TCP connection, each awaited on its own.
+//! - [`server`]: a server connection as a state machine with no I/O of its own (bytes in,
+//!   requests and their bodies out as events, replies written as the owner gives them), its
+//!   bounds against hostile clients, and [`server::serve`], its driver on a glommio executor.
 
 pub mod client;
 pub mod frame;
 pub mod hpack;
+pub mod server;

@@ -7,7 +7,6 @@
 //! - [`side`]: reflection, health and Stats on a side thread.
 
 pub mod grpc;
-pub mod http2;
 pub mod side;
 
 use crate::observability::metrics::CoreMetrics;
@@ -73,11 +72,11 @@ pub struct CoreCtx {
     pub metrics: CoreMetrics,
     pub coordinator: Rc<Coordinator>,
     /// HTTP2_* bounds of every connection.
-    pub http2_limits: http2::Limits,
+    pub http2_limits: grpc::server::Limits,
     /// Reply bytes this core's connections hold for clients that have not read them.
     pub reply_bytes: Cell<usize>,
-    /// By `http2::Event`, in the order of `Event::ALL`; and connections turned away.
-    pub http2_events: [Cell<u64>; http2::Event::ALL.len()],
+    /// By `grpc::server::Event`, in the order of `Event::ALL`; and connections turned away.
+    pub http2_events: [Cell<u64>; grpc::server::Event::ALL.len()],
     pub connections_shed: Cell<u64>,
 }
 
@@ -274,7 +273,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
     }
 }
 
-impl http2::Service for Rc<CoreCtx> {
+impl grpc::server::Service for Rc<CoreCtx> {
     fn call(
         &self,
         method: grpc::Method,
@@ -285,7 +284,7 @@ impl http2::Service for Rc<CoreCtx> {
         grpc::start(self, method, message, deadline, start)
     }
 
-    fn forward(&self, req: http::Request<tonic::body::Body>) -> http2::Forwarded {
+    fn forward(&self, req: http::Request<tonic::body::Body>) -> grpc::server::Forwarded {
         let side = self.side.clone();
         Box::pin(async move { side.forward(req).await })
     }
@@ -298,7 +297,7 @@ impl http2::Service for Rc<CoreCtx> {
         self.rpc_timeout
     }
 
-    fn limits(&self) -> http2::Limits {
+    fn limits(&self) -> grpc::server::Limits {
         self.http2_limits
     }
 
@@ -306,8 +305,8 @@ impl http2::Service for Rc<CoreCtx> {
         Some(&self.reply_bytes)
     }
 
-    fn count(&self, event: http2::Event) {
-        if let Some(i) = http2::Event::ALL.iter().position(|e| *e == event) {
+    fn count(&self, event: grpc::server::Event) {
+        if let Some(i) = grpc::server::Event::ALL.iter().position(|e| *e == event) {
             self.http2_events[i].set(self.http2_events[i].get() + 1);
         }
     }
@@ -344,8 +343,8 @@ async fn serve_connection(
     let shutdown = Box::pin(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     });
-    let ended = http2::serve(ctx, stream, shutdown).await;
-    if ended == http2::Ended::GoneAway {
+    let ended = grpc::server::serve(ctx, stream, shutdown).await;
+    if ended == grpc::server::Ended::GoneAway {
         if let Some(linger) = linger {
             lingering_close(linger).await;
         }
@@ -441,7 +440,7 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
             .peers
             .latency_scores(ctx.coordinator.speculative);
         snapshot.hints = ctx.coordinator.hints.counts();
-        snapshot.http2_events = http2::Event::ALL
+        snapshot.http2_events = grpc::server::Event::ALL
             .iter()
             .zip(&ctx.http2_events)
             .map(|(e, n)| (e.name(), n.get()))

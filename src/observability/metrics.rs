@@ -186,7 +186,7 @@ pub struct CoreSnapshot {
     pub skipped_down: u64,
     /// (peer, latency score in seconds, speculative delay in seconds) as this core sees them.
     pub peer_scores: Vec<(String, f64, Option<f64>)>,
-    /// (event, count) of the HTTP/2 bounds (ingress::http2::Event).
+    /// (event, count) of the HTTP/2 bounds (ingress::grpc::server::Event).
     pub http2_events: Vec<(&'static str, u64)>,
     /// Connections turned away over MAX_CONNECTIONS.
     pub connections_shed: u64,

@@ -22,8 +22,8 @@ const ENTRY_OVERHEAD: usize = 32;
 
 pub struct Decoder {
     /// Newest first: index 62 is `table[0]`. Each entry is name and value in one allocation,
-    /// with the name's length.
-    table: VecDeque<(Box<[u8]>, usize)>,
+    /// with the name's length and what the caller's check said of it (see `decode_checked`).
+    table: VecDeque<(Box<[u8]>, usize, bool)>,
     size: usize,
     /// The size the encoder last set (a size update), at most `limit`.
     max: usize,
@@ -47,6 +47,22 @@ impl Decoder {
 
     /// Decodes one whole header block, handing each field to `f` in order.
     pub fn decode(&mut self, block: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<(), Error> {
+        self.decode_checked(block, |name, value, _| {
+            f(name, value);
+            true
+        })
+    }
+
+    /// [`Decoder::decode`], for a caller that checks each field (RFC 9113's rules on names
+    /// and values, say): `f` returns what its check found, and is told it beforehand for a
+    /// field that comes whole from a table (the static table's fields pass; a dynamic entry
+    /// keeps the verdict its field had when it was added), so a field a peer repeats is
+    /// checked once per connection rather than once per request.
+    pub fn decode_checked(
+        &mut self,
+        block: &[u8],
+        mut f: impl FnMut(&[u8], &[u8], Option<bool>) -> bool,
+    ) -> Result<(), Error> {
         let mut pos = 0;
         // Size updates may only open a block (RFC 7541, 4.2).
         let mut fields = false;
@@ -55,8 +71,8 @@ impl Decoder {
             fields |= first & 0xe0 != 0x20;
             if first & 0x80 != 0 {
                 let index = int(block, &mut pos, 7)?;
-                let (name, value) = self.get(index)?;
-                f(name, value);
+                let (name, value, checked) = entry(&self.table, index)?;
+                f(name, value, Some(checked));
             } else if first & 0xe0 == 0x20 {
                 if fields {
                     return Err(Error("table size update after a field"));
@@ -81,7 +97,7 @@ impl Decoder {
                     i => entry(table, i)?.0,
                 };
                 let value = string(block, &mut pos, value_buf)?;
-                f(name, value);
+                let checked = f(name, value, None);
                 if !indexing {
                     continue;
                 }
@@ -89,30 +105,26 @@ impl Decoder {
                 e.extend_from_slice(name);
                 e.extend_from_slice(value);
                 let name_len = name.len();
-                self.insert(e.into_boxed_slice(), name_len);
+                self.insert(e.into_boxed_slice(), name_len, checked);
             }
         }
         Ok(())
     }
 
-    fn get(&self, index: usize) -> Result<(&[u8], &[u8]), Error> {
-        entry(&self.table, index)
-    }
-
-    fn insert(&mut self, e: Box<[u8]>, name_len: usize) {
+    fn insert(&mut self, e: Box<[u8]>, name_len: usize, checked: bool) {
         let size = e.len() + ENTRY_OVERHEAD;
         self.evict(size);
         // An entry larger than the table empties it and is not added (RFC 7541, 4.4).
         if size <= self.max {
             self.size += size;
-            self.table.push_front((e, name_len));
+            self.table.push_front((e, name_len, checked));
         }
     }
 
     /// Evicts the oldest entries until `room` more bytes fit.
     fn evict(&mut self, room: usize) {
         while self.size + room > self.max {
-            let Some((e, _)) = self.table.pop_back() else {
+            let Some((e, _, _)) = self.table.pop_back() else {
                 break;
             };
             self.size -= e.len() + ENTRY_OVERHEAD;
@@ -120,13 +132,23 @@ impl Decoder {
     }
 }
 
-fn entry(table: &VecDeque<(Box<[u8]>, usize)>, index: usize) -> Result<(&[u8], &[u8]), Error> {
+/// Entry `index`: name, value, and the check's verdict.
+fn entry(
+    table: &VecDeque<(Box<[u8]>, usize, bool)>,
+    index: usize,
+) -> Result<(&[u8], &[u8], bool), Error> {
     match index {
         0 => Err(Error("index 0")),
-        1..=61 => Ok(STATIC_TABLE[index - 1]),
+        1..=61 => {
+            let (name, value) = STATIC_TABLE[index - 1];
+            Ok((name, value, true))
+        }
         _ => table
             .get(index - 62)
-            .map(|(e, n)| e.split_at(*n))
+            .map(|(e, n, checked)| {
+                let (name, value) = e.split_at(*n);
+                (name, value, *checked)
+            })
             .ok_or(Error("index past the dynamic table")),
     }
 }

@@ -9,6 +9,7 @@
 //! client.
 
 pub mod client;
+pub mod server;
 
 use super::CoreCtx;
 use crate::{
