@@ -49,6 +49,7 @@ struct RawEnv {
     http2_conn_reply_buffer: Option<String>,
     http2_core_reply_buffer: Option<String>,
     max_connections: Option<String>,
+    shard_port: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +103,9 @@ pub struct Config {
     /// Client connections the node serves at once (split over its cores); more are turned
     /// away with GOAWAY.
     pub max_connections: usize,
+    /// The shard-aware port (ingress/steer.rs): Some(0) for one the kernel picks (the
+    /// default), None when SHARD_PORT=off.
+    pub shard_port: Option<u16>,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -474,7 +478,20 @@ impl Config {
             1,
         )?;
 
+        let shard_port = match raw.shard_port.as_deref().map(str::trim) {
+            None | Some("") => Some(0),
+            Some("off") => None,
+            Some(value) => Some(value.parse::<u16>().map_err(|_| {
+                invalid(
+                    "SHARD_PORT",
+                    value,
+                    "expected a port number, 0 for any free port, or off",
+                )
+            })?),
+        };
+
         Ok(Config {
+            shard_port,
             http2,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             speculative_retry,
@@ -629,6 +646,8 @@ mod tests {
             ("HTTP2_CONN_REPLY_BUFFER", "1000"),
             ("HTTP2_CORE_REPLY_BUFFER", "1000"),
             ("MAX_CONNECTIONS", "0"),
+            ("SHARD_PORT", "70000"),
+            ("SHARD_PORT", "on"),
             ("SPECULATIVE_RETRY", "soon"),
         ];
         for (var, value) in cases {

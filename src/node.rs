@@ -43,6 +43,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    // Before the side thread: NodeService.Layout tells the port to peers and clients.
+    let (shard_port, shard_listeners) = match config.shard_port {
+        None => (0, Vec::new()),
+        Some(port) => match ingress::steer::listen(config.listen_addr, port, nr_cores) {
+            Ok(listening) => listening,
+            Err(e) if port == 0 => {
+                tracing::warn!(error = %e, "no shard-aware port: peers reach this node's cores with one hop");
+                (0, Vec::new())
+            }
+            Err(e) => anyhow::bail!("cannot listen on SHARD_PORT {port}: {e}"),
+        },
+    };
     let (side, control_receivers) = SideThread::start(
         nr_cores,
         config.metrics_addr,
@@ -56,6 +68,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             write_quorum: config.write_quorum,
             read_quorum: config.read_quorum,
             num_shards,
+            shard_port,
             anti_entropy_interval: config.anti_entropy_interval,
             transition: config.transition(),
         },
@@ -85,6 +98,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ready: ready_tx,
         drained: Arc::new(AtomicUsize::new(0)),
         control,
+        shard_listeners: Arc::new(
+            shard_listeners
+                .into_iter()
+                .map(|fd| std::sync::Mutex::new(Some(fd)))
+                .collect(),
+        ),
     };
     let options = ExecutorOptions {
         spin_before_park: config.spin_before_park,
@@ -111,6 +130,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         addr = %config.addr,
         listen = %config.listen_addr,
+        shard_port,
         cores = ?cpus.iter().map(|c| c.0).collect::<Vec<_>>(),
         shards = num_shards,
         capacity = config.capacity,

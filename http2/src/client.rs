@@ -751,6 +751,14 @@ impl Client {
     ) -> std::io::Result<Client> {
         let io = glommio::net::TcpStream::connect(addr).await?;
         io.set_nodelay(true)?;
+        Ok(Client::over(io, recurring))
+    }
+
+    /// A client on a connection made elsewhere (from a chosen source port, say).
+    pub fn over(
+        io: glommio::net::TcpStream,
+        recurring: &'static [(&'static [u8], &'static [u8])],
+    ) -> Client {
         let shared = Rc::new(Shared {
             conn: RefCell::new(Connection::new(recurring)),
             driver: RefCell::new(None),
@@ -758,7 +766,7 @@ impl Client {
             waiting_for_room: RefCell::new(Vec::new()),
         });
         glommio::spawn_local(drive(Rc::downgrade(&shared), io)).detach();
-        Ok(Client { shared })
+        Client { shared }
     }
 
     /// Whether the connection ended (a new one is needed).

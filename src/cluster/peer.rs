@@ -2,12 +2,23 @@
 //! (the `http2` crate's client on the core's executor, gRPC framing from
 //! `ingress::grpc::client`), so no connection pool is shared between cores and nothing locks.
 //! A broken connection is dropped and the next call dials again.
+//!
+//! Replica calls go core to core: a core learns each peer's layout once (NodeService.Layout:
+//! its cores, its NUM_SHARDS, its shard-aware port) and calls the replica of a key on a
+//! connection that lands on the peer's core owning that key (ingress/steer.rs), so the
+//! replica serves it where it arrives. Peers may have other core counts: each is routed by its
+//! own map. Until the layout is known, or for a peer without a shard-aware port, calls go to
+//! its ADDR and the core they land on makes one hop.
 
 use super::snitch::{CallEnd, PeerLatency, SpeculativeRetry};
 use crate::{
     engine::{command::ReplicaEntry, hlc::Version},
-    ingress::grpc::client::{unary, RECURRING},
+    ingress::{
+        grpc::client::{unary, RECURRING},
+        steer,
+    },
     pb,
+    routing::{owner_core, shard_of},
 };
 use futures_lite::future;
 use http2::client::Client;
@@ -26,8 +37,34 @@ const MAX_PEER_REPLY: usize = 1 << 30;
 /// This core's connections to other nodes, by address, and what its calls to each peer showed.
 #[derive(Default)]
 pub struct PeerClients {
-    conns: RefCell<HashMap<String, Client>>,
+    conns: RefCell<HashMap<String, PeerConns>>,
     calls: RefCell<HashMap<String, PeerCalls>>,
+}
+
+/// This core's connections to one peer.
+#[derive(Default)]
+struct PeerConns {
+    /// To its ADDR: for calls that name no key, and until its layout is known.
+    plain: Option<Client>,
+    layout: Layout,
+    /// By the peer's core, through its shard-aware port.
+    cores: Vec<Option<Client>>,
+}
+
+#[derive(Default, Clone, Copy)]
+enum Layout {
+    #[default]
+    Unknown,
+    /// NodeService.Layout asked, no answer yet.
+    Asking,
+    Known {
+        cores: u32,
+        num_shards: u32,
+        /// The peer's shard-aware port on its ADDR's host.
+        shard_addr: SocketAddr,
+    },
+    /// It has no shard-aware port (or no Layout method): calls go to its ADDR.
+    Plain,
 }
 
 /// This core's record of its calls to one peer.
@@ -87,24 +124,156 @@ impl PeerClients {
         .await
     }
 
-    async fn client(&self, addr: &str, deadline: Instant) -> Result<Client, Status> {
-        if let Some(c) = self.conns.borrow().get(addr) {
-            if !c.is_closed() {
-                return Ok(c.clone());
+    /// The connection for a call to `addr` about `key` (None: no key): to the peer's core
+    /// that owns the key when its layout is known, else to its ADDR.
+    async fn client(
+        &self,
+        addr: &str,
+        key: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<(Client, Option<u32>), Status> {
+        let layout = self.conns.borrow().get(addr).map(|p| p.layout);
+        if let (
+            Some(key),
+            Some(Layout::Known {
+                cores,
+                num_shards,
+                shard_addr,
+            }),
+        ) = (key, layout)
+        {
+            let core = owner_core(shard_of(key, num_shards), cores as usize) as u32;
+            let open = self.conns.borrow().get(addr).and_then(|p| {
+                p.cores
+                    .get(core as usize)?
+                    .as_ref()
+                    .filter(|c| !c.is_closed())
+                    .cloned()
+            });
+            if let Some(c) = open {
+                return Ok((c, Some(core)));
             }
+            let c = Self::connect_to_core(addr, shard_addr, core, cores, deadline).await?;
+            if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
+                if p.cores.len() < cores as usize {
+                    p.cores.resize(cores as usize, None);
+                }
+                p.cores[core as usize] = Some(c.clone());
+            }
+            return Ok((c, Some(core)));
+        }
+        let open = self
+            .conns
+            .borrow()
+            .get(addr)
+            .and_then(|p| p.plain.as_ref().filter(|c| !c.is_closed()).cloned());
+        if let Some(c) = open {
+            return Ok((c, None));
         }
         let c = Self::connect(addr, deadline).await?;
-        self.conns.borrow_mut().insert(addr.to_string(), c.clone());
-        Ok(c)
+        let ask = {
+            let mut conns = self.conns.borrow_mut();
+            let p = match conns.get_mut(addr) {
+                Some(p) => p,
+                None => conns.entry(addr.to_string()).or_default(),
+            };
+            p.plain = Some(c.clone());
+            let ask = matches!(p.layout, Layout::Unknown);
+            if ask {
+                p.layout = Layout::Asking;
+            }
+            ask
+        };
+        if ask {
+            let layout = Self::ask_layout(&c, addr, deadline).await;
+            if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
+                p.layout = layout;
+            }
+        }
+        Ok((c, None))
     }
 
-    fn forget(&self, addr: &str) {
-        self.conns.borrow_mut().remove(addr);
+    /// What the peer says of its cores (NodeService.Layout), once per peer and connection.
+    async fn ask_layout(client: &Client, addr: &str, deadline: Instant) -> Layout {
+        let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+        let reply: Result<pb::LayoutReply, Status> = unary(
+            client,
+            addr,
+            "/pb.NodeService/Layout",
+            &pb::LayoutRequest {},
+            wait.max(Duration::from_millis(1)),
+            1024,
+        )
+        .await;
+        match reply {
+            Ok(l) if l.shard_port != 0 && l.cores > 0 && l.num_shards > 0 => {
+                match resolve(addr).await {
+                    Ok(mut shard_addr) => {
+                        shard_addr.set_port(l.shard_port as u16);
+                        Layout::Known {
+                            cores: l.cores,
+                            num_shards: l.num_shards,
+                            shard_addr,
+                        }
+                    }
+                    Err(_) => Layout::Unknown,
+                }
+            }
+            Ok(_) => Layout::Plain,
+            // An older node: never ask it again on this connection.
+            Err(s) if s.code() == tonic::Code::Unimplemented => Layout::Plain,
+            // Ask again with the next connection.
+            Err(_) => Layout::Unknown,
+        }
+    }
+
+    /// A connection to `addr`'s core `core` through its shard-aware port: the dial runs on the
+    /// executor's blocking thread (a connect from a chosen source port has no io_uring form
+    /// in glommio), bounded like any dial.
+    async fn connect_to_core(
+        addr: &str,
+        shard_addr: SocketAddr,
+        core: u32,
+        cores: u32,
+        deadline: Instant,
+    ) -> Result<Client, Status> {
+        let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+        if wait.is_zero() {
+            return Err(Status::deadline_exceeded("deadline passed before the dial"));
+        }
+        let stream = glommio::executor()
+            .spawn_blocking(move || steer::connect_to_core(shard_addr, core, cores, wait))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach {addr} (core {core}): {e}")))?;
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: a connected TCP socket, handed over whole.
+        let io = unsafe { glommio::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+        Ok(Client::over(io, &RECURRING))
+    }
+
+    /// Drops the connection a failed call used; a failure on ADDR's also forgets the layout,
+    /// asked again with the next connection (the peer may have restarted with other cores).
+    fn forget(&self, addr: &str, core: Option<u32>) {
+        let mut conns = self.conns.borrow_mut();
+        match core {
+            Some(core) => {
+                if let Some(slot) = conns
+                    .get_mut(addr)
+                    .and_then(|p| p.cores.get_mut(core as usize))
+                {
+                    *slot = None;
+                }
+            }
+            None => {
+                conns.remove(addr);
+            }
+        }
     }
 
     async fn unary<M, R>(
         &self,
         addr: &str,
+        key: Option<&[u8]>,
         path: &'static str,
         msg: M,
         deadline: Instant,
@@ -113,8 +282,10 @@ impl PeerClients {
         M: prost::Message,
         R: prost::Message + Default,
     {
+        let mut used = None;
         let call = async {
-            let client = self.client(addr, deadline).await?;
+            let (client, core) = self.client(addr, key, deadline).await?;
+            used = core;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Status::deadline_exceeded(
@@ -144,7 +315,7 @@ impl PeerClients {
         });
         if let Err(status) = &result {
             if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
-                self.forget(addr);
+                self.forget(addr, used);
             }
         }
         result
@@ -216,7 +387,13 @@ impl PeerClients {
     ) -> Result<(bool, bool), Status> {
         let msg = super::antientropy::entry_to_pb(entry);
         let ack: pb::ReplicaAck = self
-            .unary(addr, "/pb.PeerService/Write", msg, deadline)
+            .unary(
+                addr,
+                Some(&entry.key),
+                "/pb.PeerService/Write",
+                msg,
+                deadline,
+            )
             .await?;
         Ok((ack.applied, ack.existed))
     }
@@ -231,7 +408,7 @@ impl PeerClients {
     ) -> Result<(Option<ReplicaEntry>, bool), Status> {
         let msg = pb::ReplicaRead { key: key.to_vec() };
         let e: pb::ReplicaEntry = self
-            .unary(addr, "/pb.PeerService/Read", msg, deadline)
+            .unary(addr, Some(key), "/pb.PeerService/Read", msg, deadline)
             .await?;
         let entry = e.found.then(|| ReplicaEntry {
             key: key.to_vec(),

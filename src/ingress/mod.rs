@@ -8,6 +8,7 @@
 
 pub mod grpc;
 pub mod side;
+pub mod steer;
 
 use crate::observability::metrics::CoreMetrics;
 use crate::{
@@ -56,6 +57,9 @@ pub struct CoreSetup {
     /// The side thread's channel to each core, by core index: anti-entropy sends entries to
     /// the core that owns their shard. Taken once, at start.
     pub control: Arc<Vec<std::sync::Mutex<Option<side::ControlReceiver>>>>,
+    /// Each core's listener on the shard-aware port (steer.rs), by core index; empty when
+    /// the node has none. Taken once, at start.
+    pub shard_listeners: Arc<Vec<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>>,
 }
 
 /// A core's state shared by its tasks.
@@ -195,6 +199,15 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
             };
         }
     };
+    let steered = setup
+        .shard_listeners
+        .get(core)
+        .and_then(|slot| slot.lock().ok()?.take())
+        .map(|fd| {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            // SAFETY: the descriptor is a listening TCP socket this core now owns alone.
+            unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+        });
     let _ = setup.ready.send(Ok(core));
     tracing::debug!(core, shards = engine.nr_local_shards(), "core serving");
 
@@ -206,7 +219,14 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
     let mut accept_logged = Instant::now() - Duration::from_secs(60);
     let mut shutdown = setup.shutdown.clone();
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
+        let on_addr = async { Some(listener.accept().await) };
+        let on_shard_port = async {
+            match &steered {
+                Some(l) => Some(l.accept().await),
+                None => future::pending().await,
+            }
+        };
+        let accepted = future::or(future::or(on_addr, on_shard_port), async {
             let _ = shutdown.wait_for(|stop| *stop).await;
             None
         })
@@ -246,6 +266,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         }
     }
     drop(listener);
+    drop(steered);
 
     // Drain: connections were told to finish (GOAWAY); give them until the shutdown timeout.
     let deadline = Instant::now() + config.shutdown_timeout;

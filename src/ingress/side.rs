@@ -124,6 +124,7 @@ struct NodeStats {
     replication_factor: usize,
     write_quorum: usize,
     read_quorum: usize,
+    layout: pb::LayoutReply,
 }
 
 /// The peer protocol's endpoints served here: Leave, and anti-entropy's (Write and Read are
@@ -225,6 +226,7 @@ impl pb::node_service_server::NodeService for NodeStats {
                     evictions: c.engine.evictions,
                     expirations: c.engine.expirations,
                     queue_depth: c.in_flight,
+                    replica_hops: c.replica_hops,
                     mean_latency_us: if count > 0 {
                         sum / count as f64 * 1e6
                     } else {
@@ -238,6 +240,13 @@ impl pb::node_service_server::NodeService for NodeStats {
             rss_bytes: snap.rss_bytes,
             uptime_seconds: snap.uptime_secs,
         }))
+    }
+
+    async fn layout(
+        &self,
+        _: tonic::Request<pb::LayoutRequest>,
+    ) -> Result<tonic::Response<pb::LayoutReply>, Status> {
+        Ok(tonic::Response::new(self.layout))
     }
 
     async fn members(
@@ -299,6 +308,9 @@ pub struct ClusterSettings {
     pub write_quorum: usize,
     pub read_quorum: usize,
     pub num_shards: u32,
+    /// The shard-aware port (steer.rs), 0 when there is none: told to peers and clients by
+    /// NodeService.Layout.
+    pub shard_port: u16,
     /// None: no anti-entropy rounds (ANTI_ENTROPY=off).
     pub anti_entropy_interval: Option<Duration>,
     /// After a ring change, how long reads also ask former owners and former owners keep data.
@@ -453,6 +465,11 @@ impl SideThread {
                 replication_factor: cluster.replication_factor,
                 write_quorum: cluster.write_quorum,
                 read_quorum: cluster.read_quorum,
+                layout: pb::LayoutReply {
+                    cores: nr_cores as u32,
+                    num_shards: cluster.num_shards,
+                    shard_port: cluster.shard_port as u32,
+                },
             }))
             .add_service(
                 pb::peer_service_server::PeerServiceServer::new(PeerLeave {

@@ -64,6 +64,7 @@ pub struct CoreMetrics {
     misses: Cell<u64>,
     rate_limited: Cell<u64>,
     shed: Cell<u64>,
+    replica_hops: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -87,6 +88,11 @@ impl CoreMetrics {
 
     pub fn rate_limited(&self) {
         bump(&self.rate_limited);
+    }
+
+    /// A replica request that arrived on a core not owning its key.
+    pub fn replica_hop(&self) {
+        bump(&self.replica_hops);
     }
 
     pub fn shed(&self) {
@@ -119,6 +125,7 @@ impl CoreMetrics {
             misses: self.misses.get(),
             rate_limited: self.rate_limited.get(),
             shed: self.shed.get(),
+            replica_hops: self.replica_hops.get(),
             in_flight,
             engine,
             panics,
@@ -170,6 +177,8 @@ pub struct CoreSnapshot {
     pub misses: u64,
     pub rate_limited: u64,
     pub shed: u64,
+    /// Replica requests that arrived here for a key another core owns (one hop each).
+    pub replica_hops: u64,
     /// Calls this core has outstanding towards other cores.
     pub in_flight: u64,
     /// Totals of the shards this core owns.
@@ -325,6 +334,12 @@ impl Collector for SnapshotCollector {
             "cache_rate_limited_requests",
             "Requests refused by RATE_LIMIT.",
             &per_core(&|c| c.rate_limited),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_replica_hops",
+            "Replica requests from peers that arrived on a core not owning their key and took one hop to it (a peer without this node's layout, or a connection to ADDR).",
+            &per_core(&|c| c.replica_hops),
         )?;
         counter_family(
             &mut encoder,

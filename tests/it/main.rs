@@ -15,5 +15,6 @@ mod limits;
 mod metrics;
 mod movement;
 mod shutdown;
+mod steering;
 mod support;
 mod taskset;

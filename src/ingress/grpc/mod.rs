@@ -260,6 +260,13 @@ impl CoreCtx {
     }
 
     /// Executes `command` on the core that owns `shard`.
+    /// Counts a replica request for `shard` that arrived on a core not owning it.
+    fn count_replica_hop(&self, shard: ShardId) {
+        if owner_core(shard, self.router.nr_cores()) != self.router.core() {
+            self.metrics.replica_hop();
+        }
+    }
+
     async fn route(
         self: &Rc<Self>,
         shard: ShardId,
@@ -306,13 +313,10 @@ async fn replica_write(
     deadline: Instant,
 ) -> Result<pb::ReplicaAck, Error> {
     let entry = crate::cluster::antientropy::entry_from_pb(m);
+    let shard = ctx.shard(&entry.key);
+    ctx.count_replica_hop(shard);
     match ctx
-        .route(
-            ctx.shard(&entry.key),
-            Command::Apply(entry),
-            deadline,
-            Level::One,
-        )
+        .route(shard, Command::Apply(entry), deadline, Level::One)
         .await?
     {
         Reply::Applied { applied, existed } => Ok(pb::ReplicaAck { applied, existed }),
@@ -329,8 +333,10 @@ async fn replica_read(
 ) -> Result<pb::ReplicaEntry, Error> {
     let key = m.key;
     let syncing = ctx.coordinator.syncing(&key);
+    let shard = ctx.shard(&key);
+    ctx.count_replica_hop(shard);
     match ctx
-        .route(ctx.shard(&key), Command::Read { key }, deadline, Level::One)
+        .route(shard, Command::Read { key }, deadline, Level::One)
         .await?
     {
         Reply::Entry(Some(e)) => Ok(pb::ReplicaEntry {

@@ -1,0 +1,230 @@
+//! The shard-aware port (ingress/steer.rs) on real nodes: a connection from a chosen source
+//! port is served by the core it names; replica calls land on the core that owns their key,
+//! peers with another NUM_SHARDS included; and a replica request that reaches a core not
+//! owning its key is still served, with one hop, and counted.
+
+use crate::cluster::{cluster, set};
+use crate::support::Node;
+use distributed_cache::{
+    ingress::{
+        grpc::client::{unary, RECURRING},
+        steer,
+    },
+    pb::{
+        node_service_client::NodeServiceClient, GetRequest, LayoutReply, LayoutRequest, ReplicaAck,
+        ReplicaWrite, StatsRequest, StatsResponse,
+    },
+    routing::{owner_core, shard_of},
+};
+use http2::client::Client;
+use std::{net::SocketAddr, time::Duration};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn node_service(node: &Node) -> NodeServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    NodeServiceClient::new(channel)
+}
+
+async fn layout(node: &Node) -> LayoutReply {
+    node_service(node)
+        .await
+        .layout(LayoutRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn stats(node: &Node) -> StatsResponse {
+    node_service(node)
+        .await
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Requests each core of `node` has counted, by core.
+async fn requests_by_core(node: &Node) -> Vec<u64> {
+    let s = stats(node).await;
+    let mut out = vec![0; s.cores.len()];
+    for c in s.cores {
+        out[c.core as usize] = c.requests.iter().map(|r| r.count).sum();
+    }
+    out
+}
+
+async fn replica_hops(node: &Node) -> Vec<u64> {
+    let s = stats(node).await;
+    let mut out = vec![0; s.cores.len()];
+    for c in s.cores {
+        out[c.core as usize] = c.replica_hops;
+    }
+    out
+}
+
+/// Runs `f` on a fresh glommio executor thread (as a node's core would make its calls).
+fn on_glommio<F, Fut, R>(f: F) -> R
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .expect("a glommio executor (needs 512 KiB of locked memory: ulimit -l)")
+        .join()
+        .expect("the executor thread")
+}
+
+/// A client whose connection lands on `core` of the node at `shard_addr`.
+fn client_on_core(shard_addr: SocketAddr, core: u32, cores: u32) -> Client {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let stream = steer::connect_to_core(shard_addr, core, cores, T).expect("connects");
+    // SAFETY: a connected TCP socket, handed over whole.
+    let io = unsafe { glommio::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    Client::over(io, &RECURRING)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_connection_from_a_chosen_source_port_is_served_on_the_core_it_names() {
+    let node = Node::start(&[("CORES", "2")]).await;
+    let l = layout(&node).await;
+    assert_eq!(l.cores, 2);
+    assert_ne!(l.shard_port, 0, "a shard-aware port by default");
+    let mut shard_addr: SocketAddr = node.addr.parse().unwrap();
+    shard_addr.set_port(l.shard_port as u16);
+    for core in 0..l.cores {
+        let before = requests_by_core(&node).await;
+        let authority = node.addr.clone();
+        tokio::task::spawn_blocking(move || {
+            on_glommio(move || async move {
+                let c = client_on_core(shard_addr, core, 2);
+                for i in 0..20 {
+                    let got: Result<distributed_cache::pb::GetResponse, tonic::Status> = unary(
+                        &c,
+                        &authority,
+                        "/pb.CacheService/Get",
+                        &GetRequest {
+                            key: format!("k{i}"),
+                            ..Default::default()
+                        },
+                        T,
+                        1 << 20,
+                    )
+                    .await;
+                    assert_eq!(got.unwrap_err().code(), tonic::Code::NotFound);
+                }
+            })
+        })
+        .await
+        .unwrap();
+        let after = requests_by_core(&node).await;
+        let added: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let mut want = vec![0; 2];
+        want[core as usize] = 20;
+        assert_eq!(
+            added, want,
+            "requests by core, connection aimed at core {core}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_replica_request_on_a_core_not_owning_its_key_is_served_with_one_hop_and_counted() {
+    let node = Node::start(&[("CORES", "2"), ("NUM_SHARDS", "8")]).await;
+    let l = layout(&node).await;
+    assert_eq!((l.cores, l.num_shards), (2, 8));
+    let mut shard_addr: SocketAddr = node.addr.parse().unwrap();
+    shard_addr.set_port(l.shard_port as u16);
+    let key = b"misplaced".to_vec();
+    let owner = owner_core(shard_of(&key, 8), 2) as u32;
+    let authority = node.addr.clone();
+    let ack: ReplicaAck = tokio::task::spawn_blocking(move || {
+        on_glommio(move || async move {
+            let c = client_on_core(shard_addr, 1 - owner, 2);
+            let write = ReplicaWrite {
+                key,
+                value: b"v".to_vec(),
+                hlc: 1 << 20,
+                node: 7,
+                ttl_ms: 0,
+                flags: 0,
+            };
+            unary(&c, &authority, "/pb.PeerService/Write", &write, T, 1 << 20)
+                .await
+                .expect("served")
+        })
+    })
+    .await
+    .unwrap();
+    assert!(ack.applied);
+    let mut want = vec![0; 2];
+    want[1 - owner as usize] = 1;
+    assert_eq!(replica_hops(&node).await, want);
+}
+
+/// Three nodes, one of them with another NUM_SHARDS (its own map): once each core knows its
+/// peers' layouts, no replica request hops on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn replica_calls_land_on_the_core_that_owns_the_key_by_each_peers_own_map() {
+    let (nodes, _) = cluster(3, &[("CORES", "2")]).await;
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.client().await.unwrap());
+    }
+    // Warm-up: the first calls to a peer go to its ADDR while its layout is asked.
+    for i in 0..100 {
+        clients[i % 3]
+            .set(set(&format!("warm{i}"), "v"))
+            .await
+            .unwrap();
+    }
+    let before: Vec<u64> = hops_by_node(&nodes).await;
+    for i in 0..200 {
+        clients[i % 3]
+            .set(set(&format!("key{i}"), "v"))
+            .await
+            .unwrap();
+    }
+    let after: Vec<u64> = hops_by_node(&nodes).await;
+    assert_eq!(after, before, "replica hops by node after the warm-up");
+    drop(nodes);
+
+    // NUM_SHARDS differs between nodes: each is routed by its own.
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", crate::cluster::free_cluster_port()))
+        .collect();
+    let mut nodes = Vec::new();
+    for (a, shards) in addrs.iter().zip(["4", "10", "7"]) {
+        nodes.push(
+            crate::cluster::start_node(a, &addrs[0], &[("CORES", "2"), ("NUM_SHARDS", shards)])
+                .await,
+        );
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    crate::cluster::wait_converged(&refs, &addrs).await;
+    let mut c = nodes[0].client().await.unwrap();
+    for i in 0..100 {
+        c.set(set(&format!("warm{i}"), "v")).await.unwrap();
+    }
+    let before = hops_by_node(&nodes).await;
+    for i in 0..200 {
+        c.set(set(&format!("key{i}"), "v")).await.unwrap();
+    }
+    assert_eq!(hops_by_node(&nodes).await, before);
+    assert_eq!(layout(&nodes[2]).await.num_shards, 7);
+}
+
+/// Replica hops per node (all cores).
+async fn hops_by_node(nodes: &[Node]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(replica_hops(n).await.iter().sum());
+    }
+    out
+}
