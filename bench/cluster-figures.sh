@@ -3,8 +3,10 @@
 # all sharing this machine's cores, loaded alternately with the same settings: Set and Get
 # through one node and spread over all three, against the single node. NODE_B=path adds a
 # second 3-node cluster of another build (an older commit) to the rotation, loaded through
-# its node 1, for a before/after in one run. ROUNDS (default 3). About 4 minutes (6 with
-# NODE_B). Build first: cargo build --release --workspace
+# its node 1, for a before/after in one run; NODE_B_ENV="KEY=VALUE ..." starts that cluster
+# with this environment (alone, it runs this build: NODE_B_ENV=SHARD_PORT=off is this build
+# without core-to-core replica calls). ROUNDS (default 3). About 4 minutes (6 with NODE_B).
+# Build first: cargo build --release --workspace
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release
@@ -13,7 +15,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-start() { ADDR=$1 PEERS=${2:-} RUST_LOG=error NUM_SHARDS=2 CAPACITY=1000000 "${3:-$BIN/distributed-cache}" & pids+=($!); }
+start() {
+    # shellcheck disable=SC2086
+    env ${4:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error NUM_SHARDS=2 CAPACITY=1000000 "${3:-$BIN/distributed-cache}" & pids+=($!)
+}
 converge() {
     for _ in $(seq 1 100); do
         n=$("$BIN/distributed-cache" members --addr "$1" 2>/dev/null | grep -c ALIVE || true)
@@ -27,9 +32,10 @@ start "$single"; start "$c1"; start "$c2" "$c1"; start "$c3" "$c1"
 converge "$c1"
 declare -A target=([single]=$single [cluster-via-1]=$c1 [cluster-spread]="$c1,$c2,$c3")
 labels=(single cluster-via-1 cluster-spread)
-if [ -n "${NODE_B:-}" ]; then
+if [ -n "${NODE_B:-}${NODE_B_ENV:-}" ]; then
+    NODE_B=${NODE_B:-$BIN/distributed-cache}
     b1=127.0.0.1:$(free_port); b2=127.0.0.1:$(free_port); b3=127.0.0.1:$(free_port)
-    start "$b1" "" "$NODE_B"; start "$b2" "$b1" "$NODE_B"; start "$b3" "$b1" "$NODE_B"
+    start "$b1" "" "$NODE_B" "${NODE_B_ENV:-}"; start "$b2" "$b1" "$NODE_B" "${NODE_B_ENV:-}"; start "$b3" "$b1" "$NODE_B" "${NODE_B_ENV:-}"
     converge "$b1"
     target[node-b-cluster-via-1]=$b1
     labels+=(node-b-cluster-via-1)

@@ -20,7 +20,7 @@ use crate::{
     hpack::{Decoder, Encoder},
 };
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     pin::Pin,
     rc::Rc,
@@ -716,8 +716,17 @@ impl Connection {
 }
 
 /// What a [`Client`] and its driver task share (one executor, no lock).
+/// Bytes a client's connections moved, for its owner's metrics: shared by every connection
+/// made with it.
+#[derive(Default, Debug)]
+pub struct Meter {
+    pub sent: Cell<u64>,
+    pub received: Cell<u64>,
+}
+
 struct Shared {
     conn: RefCell<Connection>,
+    meter: Rc<Meter>,
     /// The driver task, to wake when there is output.
     driver: RefCell<Option<Waker>>,
     /// Callers waiting on their stream.
@@ -749,9 +758,18 @@ impl Client {
         addr: std::net::SocketAddr,
         recurring: &'static [(&'static [u8], &'static [u8])],
     ) -> std::io::Result<Client> {
+        Self::connect_metered(addr, recurring, Rc::default()).await
+    }
+
+    /// [`Client::connect`], counting the bytes into `meter`.
+    pub async fn connect_metered(
+        addr: std::net::SocketAddr,
+        recurring: &'static [(&'static [u8], &'static [u8])],
+        meter: Rc<Meter>,
+    ) -> std::io::Result<Client> {
         let io = glommio::net::TcpStream::connect(addr).await?;
         io.set_nodelay(true)?;
-        Ok(Client::over(io, recurring))
+        Ok(Client::over_metered(io, recurring, meter))
     }
 
     /// A client on a connection made elsewhere (from a chosen source port, say).
@@ -759,8 +777,18 @@ impl Client {
         io: glommio::net::TcpStream,
         recurring: &'static [(&'static [u8], &'static [u8])],
     ) -> Client {
+        Self::over_metered(io, recurring, Rc::default())
+    }
+
+    /// [`Client::over`], counting the bytes into `meter`.
+    pub fn over_metered(
+        io: glommio::net::TcpStream,
+        recurring: &'static [(&'static [u8], &'static [u8])],
+        meter: Rc<Meter>,
+    ) -> Client {
         let shared = Rc::new(Shared {
             conn: RefCell::new(Connection::new(recurring)),
+            meter,
             driver: RefCell::new(None),
             waiters: RefCell::new(HashMap::new()),
             waiting_for_room: RefCell::new(Vec::new()),
@@ -894,7 +922,11 @@ async fn drive(shared: std::rc::Weak<Shared>, mut io: glommio::net::TcpStream) {
                         conn.io_closed("write failed");
                         break;
                     }
-                    Poll::Ready(Ok(n)) => conn.sent(n),
+                    Poll::Ready(Ok(n)) => {
+                        conn.sent(n);
+                        let sent = &shared.meter.sent;
+                        sent.set(sent.get() + n as u64);
+                    }
                     Poll::Pending => break,
                 }
             }
@@ -908,6 +940,8 @@ async fn drive(shared: std::rc::Weak<Shared>, mut io: glommio::net::TcpStream) {
                 Poll::Ready(Err(e)) => conn.io_closed(&format!("read failed: {e}")),
                 Poll::Ready(Ok(n)) => {
                     conn.received(n);
+                    let received = &shared.meter.received;
+                    received.set(received.get() + n as u64);
                     busy = true;
                 }
                 Poll::Pending => {}

@@ -21,7 +21,7 @@ use crate::{
     routing::{owner_core, shard_of},
 };
 use futures_lite::future;
-use http2::client::Client;
+use http2::client::{Client, Meter};
 use std::{
     cell::RefCell,
     collections::HashMap,
@@ -39,6 +39,8 @@ const MAX_PEER_REPLY: usize = 1 << 30;
 pub struct PeerClients {
     conns: RefCell<HashMap<String, PeerConns>>,
     calls: RefCell<HashMap<String, PeerCalls>>,
+    /// Bytes on the wire of every connection above, both ways.
+    meter: std::rc::Rc<Meter>,
 }
 
 /// This core's connections to one peer.
@@ -105,12 +107,12 @@ async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 impl PeerClients {
-    async fn connect(addr: &str, deadline: Instant) -> Result<Client, Status> {
+    async fn connect(&self, addr: &str, deadline: Instant) -> Result<Client, Status> {
         let dial = async {
             let sockaddr = resolve(addr)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-            Client::connect(sockaddr, &RECURRING)
+            Client::connect_metered(sockaddr, &RECURRING, self.meter.clone())
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))
         };
@@ -153,7 +155,9 @@ impl PeerClients {
             if let Some(c) = open {
                 return Ok((c, Some(core)));
             }
-            let c = Self::connect_to_core(addr, shard_addr, core, cores, deadline).await?;
+            let c = self
+                .connect_to_core(addr, shard_addr, core, cores, deadline)
+                .await?;
             if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
                 if p.cores.len() < cores as usize {
                     p.cores.resize(cores as usize, None);
@@ -170,7 +174,7 @@ impl PeerClients {
         if let Some(c) = open {
             return Ok((c, None));
         }
-        let c = Self::connect(addr, deadline).await?;
+        let c = self.connect(addr, deadline).await?;
         let ask = {
             let mut conns = self.conns.borrow_mut();
             let p = match conns.get_mut(addr) {
@@ -231,6 +235,7 @@ impl PeerClients {
     /// executor's blocking thread (a connect from a chosen source port has no io_uring form
     /// in glommio), bounded like any dial.
     async fn connect_to_core(
+        &self,
         addr: &str,
         shard_addr: SocketAddr,
         core: u32,
@@ -248,7 +253,7 @@ impl PeerClients {
         use std::os::fd::{FromRawFd, IntoRawFd};
         // SAFETY: a connected TCP socket, handed over whole.
         let io = unsafe { glommio::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-        Ok(Client::over(io, &RECURRING))
+        Ok(Client::over_metered(io, &RECURRING, self.meter.clone()))
     }
 
     /// Drops the connection a failed call used; a failure on ADDR's also forgets the layout,
@@ -362,6 +367,11 @@ impl PeerClients {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Bytes this core's peer connections sent and received so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.meter.sent.get(), self.meter.received.get())
     }
 
     /// (peer, outcome, count) of this core's replica calls so far.

@@ -452,6 +452,7 @@ async fn answer_control(ctx: Rc<CoreCtx>, mut control: side::ControlReceiver) {
             ctx.engine.panics(),
         );
         snapshot.replica_calls = ctx.coordinator.peers.outcome_counts();
+        snapshot.peer_bytes = ctx.coordinator.peers.bytes();
         snapshot.read_repairs = ctx.coordinator.read_repairs.get();
         snapshot.speculative_retries = ctx.coordinator.speculative_retries.get();
         snapshot.write_backs = ctx.coordinator.write_backs.get();

@@ -130,6 +130,7 @@ impl CoreMetrics {
             engine,
             panics,
             replica_calls: Vec::new(),
+            peer_bytes: (0, 0),
             read_repairs: 0,
             speculative_retries: 0,
             write_backs: 0,
@@ -186,6 +187,8 @@ pub struct CoreSnapshot {
     pub panics: u64,
     /// (peer, outcome, count) of replica calls this core made.
     pub replica_calls: Vec<(String, &'static str, u64)>,
+    /// Bytes this core's connections to peers (replica calls) sent and received.
+    pub peer_bytes: (u64, u64),
     pub read_repairs: u64,
     /// Reads that asked one more replica after one was slower than its speculative delay.
     pub speculative_retries: u64,
@@ -409,6 +412,23 @@ impl Collector for SnapshotCollector {
             "cache_replica_calls",
             "Calls to other nodes' replicas, by core, peer and outcome (ok, error, timeout).",
             &replica_calls,
+        )?;
+        let peer_bytes: Vec<(Labels, u64)> = cores
+            .iter()
+            .flat_map(|c| {
+                [("sent", c.peer_bytes.0), ("received", c.peer_bytes.1)].map(|(way, n)| {
+                    (
+                        vec![("core", c.core.to_string()), ("direction", way.to_string())],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_peer_bytes",
+            "Bytes on the wire of this core's connections to other nodes (replica calls), HTTP/2 framing included.",
+            &peer_bytes,
         )?;
         counter_family(
             &mut encoder,

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Replica bytes on the wire per Set, from the coordinator's metrics: three nodes (RF=3, W=2),
+# REQUESTS Sets (default 100,000, 16 x 16, 100k keys of 16 B with 100 B values) through node 1,
+# and cache_peer_bytes_total on node 1 before and after: bytes its cores sent to and received
+# from the replicas, HTTP/2 framing included, divided by the Sets. NODE_ENV="KEY=VALUE ..."
+# starts the nodes with more environment. Build first: cargo build --release --workspace
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=./target/release
+REQUESTS=${REQUESTS:-100000}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+metrics=127.0.0.1:$(free_port)
+c1=127.0.0.1:$(free_port); c2=127.0.0.1:$(free_port); c3=127.0.0.1:$(free_port)
+start() {
+    # shellcheck disable=SC2086
+    env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=1000000 "$BIN/distributed-cache" & pids+=($!)
+}
+start "$c1" "" "METRICS_ADDR=$metrics"; start "$c2" "$c1"; start "$c3" "$c1"
+for _ in $(seq 1 100); do
+    n=$("$BIN/distributed-cache" members --addr "$c1" 2>/dev/null | grep -c ALIVE || true)
+    [ "$n" = 3 ] && break; sleep 0.1
+done
+bytes() {
+    curl -s "http://$metrics/metrics" 2>/dev/null || python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())"
+}
+way() { awk -v w="$1" '$1 ~ /^cache_peer_bytes_total/ && $1 ~ "direction=\""w"\"" { s += $2 } END { printf "%d", s }'; }
+# Warm-up: connections, layouts, the replicas' HPACK tables.
+"$BIN/cache-bench" run --target "$c1" --connections 16 --concurrency 16 --keys 100000 --read-ratio 0 --duration 1 --warmup 0 >/dev/null
+before=$(bytes); sent0=$(echo "$before" | way sent); recv0=$(echo "$before" | way received)
+"$BIN/cache-bench" run --target "$c1" --connections 16 --concurrency 16 --keys 100000 --read-ratio 0 --requests "$REQUESTS" --duration 600 --warmup 0 | grep -E 'throughput|errors'
+after=$(bytes); sent1=$(echo "$after" | way sent); recv1=$(echo "$after" | way received)
+echo "replica bytes per Set (node 1, ${REQUESTS} Sets): sent $(( (sent1 - sent0) / REQUESTS )), received $(( (recv1 - recv0) / REQUESTS ))"
