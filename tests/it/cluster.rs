@@ -353,8 +353,11 @@ async fn a_read_repairs_a_stale_replica() {
     // DATA frame (9-byte headers) with its message, and no call carries a kilobyte here.
     let calls = sum("cache_replica_calls_total{");
     let sent = crate::metrics::sum(&text, "cache_peer_bytes_total", &[("direction", "sent")]);
-    let received =
-        crate::metrics::sum(&text, "cache_peer_bytes_total", &[("direction", "received")]);
+    let received = crate::metrics::sum(
+        &text,
+        "cache_peer_bytes_total",
+        &[("direction", "received")],
+    );
     assert!(sent >= 30.0 * calls && received >= 20.0 * calls, "{text}");
     // Each connection's preface and SETTINGS come on top of the calls.
     assert!(sent <= 1000.0 * calls + 8_000.0, "{text}");
