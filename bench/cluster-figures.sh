@@ -7,6 +7,8 @@
 # with this environment (alone, it runs this build: NODE_B_ENV=SHARD_PORT=off is this build
 # without core-to-core replica calls). ROUNDS (default 3). About 4 minutes (6 with NODE_B).
 # Build first: cargo build --release --workspace
+# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=0 turns the shard-aware port on;
+# it is off by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release
@@ -17,7 +19,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 start() {
     # shellcheck disable=SC2086
-    env ${4:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error NUM_SHARDS=2 CAPACITY=1000000 "${3:-$BIN/distributed-cache}" & pids+=($!)
+    env ${NODE_ENV:-} ${4:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error NUM_SHARDS=2 CAPACITY=1000000 "${3:-$BIN/distributed-cache}" & pids+=($!)
 }
 converge() {
     for _ in $(seq 1 100); do

@@ -5,6 +5,8 @@
 # 1 s warm-up. NODE_B_ENV="KEY=VALUE ..." adds a second cluster started with that environment
 # (SHARD_PORT=off: replica calls without the shard-aware port). All processes share this
 # machine's cores. Build first: cargo build --release --workspace
+# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=0 turns the shard-aware port on;
+# it is off by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release
@@ -28,7 +30,7 @@ open(sys.argv[1], "wb").write(framed(get)); open(sys.argv[2], "wb").write(framed
 PY
 start() {
     # shellcheck disable=SC2086
-    env ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=100000 "$BIN/distributed-cache" & pids+=($!)
+    env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=100000 "$BIN/distributed-cache" & pids+=($!)
 }
 converge() {
     for _ in $(seq 1 100); do

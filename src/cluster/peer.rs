@@ -26,6 +26,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     net::{SocketAddr, ToSocketAddrs},
+    rc::Rc,
     time::{Duration, Instant},
 };
 use tonic::Status;
@@ -37,10 +38,11 @@ const MAX_PEER_REPLY: usize = 1 << 30;
 /// This core's connections to other nodes, by address, and what its calls to each peer showed.
 #[derive(Default)]
 pub struct PeerClients {
-    conns: RefCell<HashMap<String, PeerConns>>,
+    /// Shared with the tasks that ask peers for their layouts.
+    conns: Rc<RefCell<HashMap<String, PeerConns>>>,
     calls: RefCell<HashMap<String, PeerCalls>>,
     /// Bytes on the wire of every connection above, both ways.
-    meter: std::rc::Rc<Meter>,
+    meter: Rc<Meter>,
 }
 
 /// This core's connections to one peer.
@@ -79,6 +81,9 @@ struct PeerCalls {
 
 /// Outcome labels of replica calls, in the order of the counters.
 pub const OUTCOMES: [&str; 3] = ["ok", "error", "timeout"];
+
+/// How long a peer may take to tell its layout before it is asked again.
+const LAYOUT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a dial may take before the peer counts as unreachable for this call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -133,7 +138,7 @@ impl PeerClients {
         addr: &str,
         key: Option<&[u8]>,
         deadline: Instant,
-    ) -> Result<(Client, Option<u32>), Status> {
+    ) -> Result<Client, Status> {
         let layout = self.conns.borrow().get(addr).map(|p| p.layout);
         if let (
             Some(key),
@@ -153,18 +158,25 @@ impl PeerClients {
                     .cloned()
             });
             if let Some(c) = open {
-                return Ok((c, Some(core)));
+                return Ok(c);
             }
-            let c = self
+            match self
                 .connect_to_core(addr, shard_addr, core, cores, deadline)
-                .await?;
-            if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
-                if p.cores.len() < cores as usize {
-                    p.cores.resize(cores as usize, None);
+                .await
+            {
+                Ok(c) => {
+                    if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
+                        if p.cores.len() < cores as usize {
+                            p.cores.resize(cores as usize, None);
+                        }
+                        p.cores[core as usize] = Some(c.clone());
+                    }
+                    return Ok(c);
                 }
-                p.cores[core as usize] = Some(c.clone());
+                // The peer may have restarted on another shard-aware port (a free one by
+                // default): this call goes to its ADDR, which asks the layout again.
+                Err(_) => self.forget(addr),
             }
-            return Ok((c, Some(core)));
         }
         let open = self
             .conns
@@ -172,7 +184,7 @@ impl PeerClients {
             .get(addr)
             .and_then(|p| p.plain.as_ref().filter(|c| !c.is_closed()).cloned());
         if let Some(c) = open {
-            return Ok((c, None));
+            return Ok(c);
         }
         let c = self.connect(addr, deadline).await?;
         let ask = {
@@ -189,17 +201,27 @@ impl PeerClients {
             ask
         };
         if ask {
-            let layout = Self::ask_layout(&c, addr, deadline).await;
-            if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
-                p.layout = layout;
-            }
+            // In the background: this call goes on on ADDR's connection meanwhile, and a slow
+            // answer delays no call.
+            let conns = Rc::clone(&self.conns);
+            let (client, addr) = (c.clone(), addr.to_string());
+            glommio::spawn_local(async move {
+                let layout =
+                    Self::ask_layout(&client, &addr, Instant::now() + LAYOUT_TIMEOUT).await;
+                if let Some(p) = conns.borrow_mut().get_mut(&addr) {
+                    if matches!(p.layout, Layout::Asking) {
+                        p.layout = layout;
+                    }
+                }
+            })
+            .detach();
         }
-        Ok((c, None))
+        Ok(c)
     }
 
     /// What the peer says of its cores (NodeService.Layout), once per peer and connection.
     async fn ask_layout(client: &Client, addr: &str, deadline: Instant) -> Layout {
-        let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+        let wait = deadline.saturating_duration_since(Instant::now());
         let reply: Result<pb::LayoutReply, Status> = unary(
             client,
             addr,
@@ -256,23 +278,11 @@ impl PeerClients {
         Ok(Client::over_metered(io, &RECURRING, self.meter.clone()))
     }
 
-    /// Drops the connection a failed call used; a failure on ADDR's also forgets the layout,
-    /// asked again with the next connection (the peer may have restarted with other cores).
-    fn forget(&self, addr: &str, core: Option<u32>) {
-        let mut conns = self.conns.borrow_mut();
-        match core {
-            Some(core) => {
-                if let Some(slot) = conns
-                    .get_mut(addr)
-                    .and_then(|p| p.cores.get_mut(core as usize))
-                {
-                    *slot = None;
-                }
-            }
-            None => {
-                conns.remove(addr);
-            }
-        }
+    /// Drops the peer's connections and layout after a call failed on one of them: the layout is asked again with the next connection, as the peer may have
+    /// restarted with other cores or on another shard-aware port (one a process of another
+    /// node now holds: it refuses calls meant for this peer).
+    fn forget(&self, addr: &str) {
+        self.conns.borrow_mut().remove(addr);
     }
 
     async fn unary<M, R>(
@@ -287,10 +297,8 @@ impl PeerClients {
         M: prost::Message,
         R: prost::Message + Default,
     {
-        let mut used = None;
         let call = async {
-            let (client, core) = self.client(addr, key, deadline).await?;
-            used = core;
+            let client = self.client(addr, key, deadline).await?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Status::deadline_exceeded(
@@ -320,7 +328,7 @@ impl PeerClients {
         });
         if let Err(status) = &result {
             if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
-                self.forget(addr, used);
+                self.forget(addr);
             }
         }
         result

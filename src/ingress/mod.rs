@@ -326,6 +326,10 @@ impl grpc::server::Service for Rc<CoreCtx> {
         Some(&self.reply_bytes)
     }
 
+    fn node_addr(&self) -> Option<&str> {
+        Some(&self.coordinator.me)
+    }
+
     fn count(&self, event: grpc::server::Event) {
         if let Some(i) = grpc::server::Event::ALL.iter().position(|e| *e == event) {
             self.http2_events[i].set(self.http2_events[i].get() + 1);

@@ -92,10 +92,10 @@ fn client_on_core(shard_addr: SocketAddr, core: u32, cores: u32) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_connection_from_a_chosen_source_port_is_served_on_the_core_it_names() {
-    let node = Node::start(&[("CORES", "2")]).await;
+    let node = Node::start(&[("CORES", "2"), ("SHARD_PORT", "0")]).await;
     let l = layout(&node).await;
     assert_eq!(l.cores, 2);
-    assert_ne!(l.shard_port, 0, "a shard-aware port by default");
+    assert_ne!(l.shard_port, 0, "SHARD_PORT=0: a free port");
     let mut shard_addr: SocketAddr = node.addr.parse().unwrap();
     shard_addr.set_port(l.shard_port as u16);
     for core in 0..l.cores {
@@ -136,7 +136,7 @@ async fn a_connection_from_a_chosen_source_port_is_served_on_the_core_it_names()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_replica_request_on_a_core_not_owning_its_key_is_served_with_one_hop_and_counted() {
-    let node = Node::start(&[("CORES", "2"), ("NUM_SHARDS", "8")]).await;
+    let node = Node::start(&[("CORES", "2"), ("NUM_SHARDS", "8"), ("SHARD_PORT", "0")]).await;
     let l = layout(&node).await;
     assert_eq!((l.cores, l.num_shards), (2, 8));
     let mut shard_addr: SocketAddr = node.addr.parse().unwrap();
@@ -172,18 +172,12 @@ async fn a_replica_request_on_a_core_not_owning_its_key_is_served_with_one_hop_a
 /// peers' layouts, no replica request hops on any node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn replica_calls_land_on_the_core_that_owns_the_key_by_each_peers_own_map() {
-    let (nodes, _) = cluster(3, &[("CORES", "2")]).await;
+    let (nodes, _) = cluster(3, &[("CORES", "2"), ("SHARD_PORT", "0")]).await;
     let mut clients = Vec::new();
     for n in &nodes {
         clients.push(n.client().await.unwrap());
     }
-    // Warm-up: the first calls to a peer go to its ADDR while its layout is asked.
-    for i in 0..100 {
-        clients[i % 3]
-            .set(set(&format!("warm{i}"), "v"))
-            .await
-            .unwrap();
-    }
+    settle(&nodes).await;
     let before: Vec<u64> = hops_by_node(&nodes).await;
     for i in 0..200 {
         clients[i % 3]
@@ -202,8 +196,12 @@ async fn replica_calls_land_on_the_core_that_owns_the_key_by_each_peers_own_map(
     let mut nodes = Vec::new();
     for (a, shards) in addrs.iter().zip(["4", "10", "7"]) {
         nodes.push(
-            crate::cluster::start_node(a, &addrs[0], &[("CORES", "2"), ("NUM_SHARDS", shards)])
-                .await,
+            crate::cluster::start_node(
+                a,
+                &addrs[0],
+                &[("CORES", "2"), ("NUM_SHARDS", shards), ("SHARD_PORT", "0")],
+            )
+            .await,
         );
     }
     let refs: Vec<&Node> = nodes.iter().collect();
@@ -220,6 +218,34 @@ async fn replica_calls_land_on_the_core_that_owns_the_key_by_each_peers_own_map(
     assert_eq!(layout(&nodes[2]).await.num_shards, 7);
 }
 
+/// Waits until the nodes' cores know their peers' layouts: the first calls to a peer go to
+/// its ADDR while its layout is asked in the background, so Sets through every node until a
+/// round of them makes no hop.
+async fn settle(nodes: &[Node]) {
+    let mut round = 0;
+    crate::support::wait_until(
+        Duration::from_secs(20),
+        "a round of Sets with no replica hop",
+        || {
+            round += 1;
+            let round = round;
+            async move {
+                let before = hops_by_node(nodes).await;
+                for (i, n) in nodes.iter().enumerate() {
+                    let mut c = n.client().await.unwrap();
+                    for k in 0..40 {
+                        c.set(set(&format!("settle{round}-{i}-{k}"), "v"))
+                            .await
+                            .unwrap();
+                    }
+                }
+                hops_by_node(nodes).await == before
+            }
+        },
+    )
+    .await;
+}
+
 /// Replica hops per node (all cores).
 async fn hops_by_node(nodes: &[Node]) -> Vec<u64> {
     let mut out = Vec::new();
@@ -227,4 +253,81 @@ async fn hops_by_node(nodes: &[Node]) -> Vec<u64> {
         out.push(replica_hops(n).await.iter().sum());
     }
     out
+}
+
+/// A peer that restarts comes back on another shard-aware port (a free one by default): the
+/// cores that knew its old port call it through ADDR at once and learn the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_peer_restarted_on_another_shard_port_is_called_at_once() {
+    use distributed_cache::pb::Consistency;
+    let (mut nodes, addrs) = cluster(3, &[("CORES", "2"), ("SHARD_PORT", "0")]).await;
+    let mut c = nodes[0].client().await.unwrap();
+    for i in 0..40 {
+        c.set(set(&format!("before{i}"), "v")).await.unwrap();
+    }
+    let old_port = layout(&nodes[2]).await.shard_port;
+    nodes[2].signal(libc::SIGKILL);
+    nodes[2].wait_exit(Duration::from_secs(5)).await;
+    nodes[2] =
+        crate::cluster::start_node(&addrs[2], &addrs[0], &[("CORES", "2"), ("SHARD_PORT", "0")])
+            .await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    crate::cluster::wait_converged(&refs, &addrs).await;
+    assert_ne!(layout(&nodes[2]).await.shard_port, old_port);
+    // ALL needs node 3 on every call: none may fail on the old port.
+    for i in 0..40 {
+        let mut w = set(&format!("after{i}"), "v");
+        w.consistency = Consistency::All as i32;
+        c.set(w)
+            .await
+            .expect("a Set at ALL right after the restart");
+    }
+}
+
+/// A replica call that names another node as its authority reached the wrong process (a stale
+/// layout whose port another node now holds): refused, never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_replica_call_meant_for_another_node_is_refused() {
+    let node = Node::start(&[]).await;
+    let addr: SocketAddr = node.addr.parse().unwrap();
+    let (code, message) = tokio::task::spawn_blocking(move || {
+        on_glommio(move || async move {
+            let c = Client::connect(addr, &RECURRING).await.expect("connects");
+            let write = ReplicaWrite {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                hlc: 1 << 20,
+                node: 7,
+                ttl_ms: 0,
+                flags: 0,
+            };
+            let err = unary::<_, ReplicaAck>(
+                &c,
+                "127.0.0.1:1",
+                "/pb.PeerService/Write",
+                &write,
+                T,
+                1 << 20,
+            )
+            .await
+            .unwrap_err();
+            (err.code(), err.message().to_string())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, tonic::Code::Unavailable, "{message}");
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    let mut c = node.client().await.unwrap();
+    let got = c
+        .get(GetRequest {
+            key: "k".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        got.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "not applied"
+    );
 }

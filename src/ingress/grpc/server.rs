@@ -131,6 +131,11 @@ pub trait Service {
     }
     /// Counts `event`.
     fn count(&self, _event: Event) {}
+    /// This node's ADDR: a replica call names it as its `:authority`, and one that names
+    /// another node reached the wrong process (a peer's stale layout).
+    fn node_addr(&self) -> Option<&str> {
+        None
+    }
 }
 
 pub type Forwarded = Pin<Box<dyn Future<Output = http::Response<Body>>>>;
@@ -415,6 +420,20 @@ impl<S: Service> Grpc<S> {
         let Some(method) = method else {
             return self.forward(id, head, end);
         };
+        if matches!(method, Method::ReplicaWrite | Method::ReplicaRead) {
+            if let Some(me) = self.svc.node_addr() {
+                if head.authority() != Some(me.as_bytes()) {
+                    let meant = String::from_utf8_lossy(head.authority().unwrap_or_default());
+                    let status =
+                        Status::unavailable(format!("a replica call for {meant} reached {me}"));
+                    return Then::Status {
+                        id,
+                        status: Box::new(status),
+                        refuse: !end,
+                    };
+                }
+            }
+        }
         let mut timeout = None;
         for (name, value) in head.fields() {
             match name {
