@@ -13,20 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release
 ROUNDS=${ROUNDS:-3}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/cluster-lib.sh
+. bench/cluster-lib.sh
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 start() {
     # shellcheck disable=SC2086
     env ${NODE_ENV:-} ${4:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error NUM_SHARDS=2 CAPACITY=1000000 "${3:-$BIN/distributed-cache}" & pids+=($!)
-}
-converge() {
-    for _ in $(seq 1 100); do
-        n=$("$BIN/distributed-cache" members --addr "$1" 2>/dev/null | grep -c ALIVE || true)
-        [ "$n" = 3 ] && return; sleep 0.1
-    done
-    echo "cluster of $1 did not converge" >&2; exit 1
 }
 single=127.0.0.1:$(free_port)
 c1=127.0.0.1:$(free_port); c2=127.0.0.1:$(free_port); c3=127.0.0.1:$(free_port)

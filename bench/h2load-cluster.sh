@@ -13,7 +13,8 @@ BIN=./target/release
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 command -v h2load >/dev/null || { echo "h2load-cluster.sh: needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/cluster-lib.sh
+. bench/cluster-lib.sh
 pids=()
 get_body=$(mktemp); set_body=$(mktemp)
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -f "$get_body" "$set_body"; }
@@ -31,13 +32,6 @@ PY
 start() {
     # shellcheck disable=SC2086
     env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=100000 "$BIN/distributed-cache" & pids+=($!)
-}
-converge() {
-    for _ in $(seq 1 100); do
-        n=$("$BIN/distributed-cache" members --addr "$1" 2>/dev/null | grep -c ALIVE || true)
-        [ "$n" = 3 ] && return; sleep 0.1
-    done
-    echo "cluster of $1 did not converge" >&2; exit 1
 }
 declare -A addr procs
 addr[single]=127.0.0.1:$(free_port); start "${addr[single]}"; procs[single]=${pids[-1]}

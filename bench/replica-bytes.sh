@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release
 REQUESTS=${REQUESTS:-100000}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/cluster-lib.sh
+. bench/cluster-lib.sh
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -19,10 +20,7 @@ start() {
     env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=1000000 "$BIN/distributed-cache" & pids+=($!)
 }
 start "$c1" "" "METRICS_ADDR=$metrics"; start "$c2" "$c1"; start "$c3" "$c1"
-for _ in $(seq 1 100); do
-    n=$("$BIN/distributed-cache" members --addr "$c1" 2>/dev/null | grep -c ALIVE || true)
-    [ "$n" = 3 ] && break; sleep 0.1
-done
+converge "$c1"
 bytes() {
     curl -s "http://$metrics/metrics" 2>/dev/null || python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())"
 }

@@ -139,24 +139,27 @@ impl PeerClients {
         key: Option<&[u8]>,
         deadline: Instant,
     ) -> Result<Client, Status> {
-        let layout = self.conns.borrow().get(addr).map(|p| p.layout);
-        if let (
-            Some(key),
-            Some(Layout::Known {
+        // One lookup of the peer: its layout and, when known, the open connection to the
+        // key's core.
+        let routed = key.and_then(|key| {
+            let conns = self.conns.borrow();
+            let p = conns.get(addr)?;
+            let Layout::Known {
                 cores,
                 num_shards,
                 shard_addr,
-            }),
-        ) = (key, layout)
-        {
+            } = p.layout
+            else {
+                return None;
+            };
             let core = owner_core(shard_of(key, num_shards), cores as usize) as u32;
-            let open = self.conns.borrow().get(addr).and_then(|p| {
-                p.cores
-                    .get(core as usize)?
-                    .as_ref()
-                    .filter(|c| !c.is_closed())
-                    .cloned()
-            });
+            let open = p
+                .cores
+                .get(core as usize)
+                .and_then(|c| c.as_ref().filter(|c| !c.is_closed()).cloned());
+            Some((core, cores, shard_addr, open))
+        });
+        if let Some((core, cores, shard_addr, open)) = routed {
             if let Some(c) = open {
                 return Ok(c);
             }
@@ -173,8 +176,8 @@ impl PeerClients {
                     }
                     return Ok(c);
                 }
-                // The peer may have restarted on another shard-aware port (a free one by
-                // default): this call goes to its ADDR, which asks the layout again.
+                // The peer may have restarted on another shard-aware port (a free one with
+                // SHARD_PORT=0): this call goes to its ADDR, which asks the layout again.
                 Err(_) => self.forget(addr),
             }
         }

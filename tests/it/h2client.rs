@@ -3,7 +3,7 @@
 //! at once on one connection, a deadline) and to tonic's server (grpc.health.v1 from
 //! tonic-health on tokio), from a glommio executor as the node's cores would make them.
 
-use crate::support::{free_port, Node};
+use crate::support::{free_port, on_glommio, Node};
 use distributed_cache::ingress::grpc::client::{unary, RECURRING};
 use distributed_cache::pb::{
     get_response, set_request, GetRequest, GetResponse, SetRequest, SetResponse,
@@ -16,20 +16,6 @@ use tonic_health::pb::{
 };
 
 const T: Duration = Duration::from_secs(5);
-
-/// Runs `f` on a fresh glommio executor thread and returns its result.
-fn on_glommio<F, Fut, R>(f: F) -> R
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = R> + 'static,
-    R: Send + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(f)
-        .expect("a glommio executor (needs 512 KiB of locked memory: ulimit -l)")
-        .join()
-        .expect("the executor thread")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn unary_calls_reach_the_node_and_tonics_server() {

@@ -4,7 +4,7 @@
 //! owning its key is still served, with one hop, and counted.
 
 use crate::cluster::{cluster, set};
-use crate::support::Node;
+use crate::support::{on_glommio, Node};
 use distributed_cache::{
     ingress::{
         grpc::client::{unary, RECURRING},
@@ -65,20 +65,6 @@ async fn replica_hops(node: &Node) -> Vec<u64> {
         out[c.core as usize] = c.replica_hops;
     }
     out
-}
-
-/// Runs `f` on a fresh glommio executor thread (as a node's core would make its calls).
-fn on_glommio<F, Fut, R>(f: F) -> R
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = R> + 'static,
-    R: Send + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(f)
-        .expect("a glommio executor (needs 512 KiB of locked memory: ulimit -l)")
-        .join()
-        .expect("the executor thread")
 }
 
 /// A client whose connection lands on `core` of the node at `shard_addr`.
@@ -255,7 +241,7 @@ async fn hops_by_node(nodes: &[Node]) -> Vec<u64> {
     out
 }
 
-/// A peer that restarts comes back on another shard-aware port (a free one by default): the
+/// A peer that restarts comes back on another shard-aware port (SHARD_PORT=0: a free one): the
 /// cores that knew its old port call it through ADDR at once and learn the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_peer_restarted_on_another_shard_port_is_called_at_once() {

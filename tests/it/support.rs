@@ -210,3 +210,18 @@ pub fn run_expecting_failure(env: &[(&str, &str)]) -> (ExitStatus, String) {
         .expect("reading stderr");
     (status, stderr)
 }
+
+/// Runs `f` on a fresh glommio executor thread (as a node's core would make its calls) and
+/// returns its result.
+pub fn on_glommio<F, Fut, R>(f: F) -> R
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .expect("a glommio executor (needs 512 KiB of locked memory: ulimit -l)")
+        .join()
+        .expect("the executor thread")
+}
