@@ -5,7 +5,7 @@
 use super::{
     command::{Command, ReplicaEntry, Reply, Request, Response},
     entry::FLAG_BINARY,
-    hlc::{wall_ms, Hlc, Version},
+    hlc::{wall_us, Hlc, Version},
     shard::{expiry_tick, expiry_tick_ms, remaining_ms, Shard, ShardStats, Tick, TICKS_PER_SEC},
 };
 use crate::{
@@ -150,7 +150,7 @@ impl CoreEngine {
                 ttl_secs,
                 binary,
             } => {
-                let version = self.clock.borrow_mut().tick(wall_ms());
+                let version = self.clock.borrow_mut().tick(wall_us());
                 let flags = if binary { FLAG_BINARY } else { 0 };
                 shard.set(&key, &value, version, expiry_tick(tick, ttl_secs), flags);
                 Ok(Reply::Stored { version })
@@ -185,7 +185,7 @@ impl CoreEngine {
 
     /// A fresh version from this core's clock, for a write this core coordinates.
     pub fn next_version(&self) -> Version {
-        self.clock.borrow_mut().tick(wall_ms())
+        self.clock.borrow_mut().tick(wall_us())
     }
 
     /// Orders this core's later versions after `seen`: a LINEARIZABLE write versions itself

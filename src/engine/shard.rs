@@ -706,7 +706,7 @@ mod tests {
     fn versions_are_kept() {
         let mut s = Shard::new(4);
         let ver = Version {
-            hlc: 42 << 16,
+            hlc: 42 << crate::engine::hlc::LOGICAL_BITS,
             node: 7,
         };
         s.set(b"k", b"v", ver, 0, 1);

@@ -241,12 +241,12 @@ async fn one_diverged_key_in_100k_is_repaired_for_a_small_exchange() {
     let newer = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis() as u64
-        + 60_000;
+        .as_micros() as u64
+        + 60_000_000;
     peer.write(ReplicaWrite {
         key: b"d4242".to_vec(),
         value: b"diverged".to_vec(),
-        hlc: newer << 16,
+        hlc: newer << 12,
         node: 1,
         ttl_ms: 0,
         flags: 0,
