@@ -63,7 +63,11 @@ impl fmt::Display for Op {
             self.key,
             what,
             outcome
-        )
+        )?;
+        match self.version {
+            Some((hlc, node)) => write!(f, "  version {hlc}.{node}"),
+            None => Ok(()),
+        }
     }
 }
 

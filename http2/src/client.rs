@@ -715,7 +715,6 @@ impl Connection {
     }
 }
 
-/// What a [`Client`] and its driver task share (one executor, no lock).
 /// Bytes a client's connections moved, for its owner's metrics: shared by every connection
 /// made with it.
 #[derive(Default, Debug)]
@@ -724,9 +723,13 @@ pub struct Meter {
     pub received: Cell<u64>,
 }
 
+/// What a [`Client`] and its driver task share (one executor, no lock).
 struct Shared {
     conn: RefCell<Connection>,
     meter: Rc<Meter>,
+    /// Bytes this connection received: a call that timed out on a connection that received
+    /// nothing meanwhile tells its owner the connection, not the call, is stuck.
+    received: Cell<u64>,
     /// The driver task, to wake when there is output.
     driver: RefCell<Option<Waker>>,
     /// Callers waiting on their stream.
@@ -789,6 +792,7 @@ impl Client {
         let shared = Rc::new(Shared {
             conn: RefCell::new(Connection::new(recurring)),
             meter,
+            received: Cell::new(0),
             driver: RefCell::new(None),
             waiters: RefCell::new(HashMap::new()),
             waiting_for_room: RefCell::new(Vec::new()),
@@ -800,6 +804,11 @@ impl Client {
     /// Whether the connection ended (a new one is needed).
     pub fn is_closed(&self) -> bool {
         self.shared.conn.borrow().failed().is_some()
+    }
+
+    /// Bytes received on this connection so far.
+    pub fn received(&self) -> u64 {
+        self.shared.received.get()
     }
 
     /// Streams open on the connection.
@@ -942,6 +951,7 @@ async fn drive(shared: std::rc::Weak<Shared>, mut io: glommio::net::TcpStream) {
                     conn.received(n);
                     let received = &shared.meter.received;
                     received.set(received.get() + n as u64);
+                    shared.received.set(shared.received.get() + n as u64);
                     busy = true;
                 }
                 Poll::Pending => {}

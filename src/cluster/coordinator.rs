@@ -78,12 +78,17 @@ impl Coordinator {
         Rc::clone(&self.ring.borrow())
     }
 
-    /// Whether this node is still receiving the key's bucket (just started, or a new replica
-    /// of it after a ring change): its "not found" is then no answer.
+    /// Whether this node's answers about `key` must not count toward a quorum: it is still
+    /// receiving the key's bucket (just started, or a new replica of it after a ring change),
+    /// or its ring does not make it a replica of the key at all (a coordinator heard of a ring
+    /// change before this node did). Such a replica may hold nothing, or an old version, while
+    /// a coordinator with the other view counted the replicas that hold the newest: only
+    /// answers from settled replicas keep every QUORUM read meeting every QUORUM write.
     pub fn syncing(&self, key: &[u8]) -> bool {
         self.syncing
             .borrow()
             .contains(crate::cluster::ring::bucket_of(key))
+            || !self.ring.borrow().is_replica(key, &self.me)
     }
 
     /// True when this node is the key's only replica: the request needs no coordination and is
@@ -189,6 +194,7 @@ impl Coordinator {
         }
         let mut tally = Tally::new(needed, live.len());
         let mut existed = false;
+        // (index in `live`, Ok((existed, syncing)) or a failure).
         let (tx, rx) = local_channel::new_unbounded::<(usize, Result<(bool, bool), ()>)>();
         let tx = Rc::new(tx);
         let entry = Rc::new(entry);
@@ -200,7 +206,11 @@ impl Coordinator {
                 match self.local(shard, Command::Apply((*entry).clone()), deadline) {
                     Ok(Reply::Applied { existed: e, .. }) => {
                         existed |= e;
-                        tally.ok();
+                        if counts(level, true, self.syncing(&entry.key)) {
+                            tally.ok();
+                        } else {
+                            tally.fail();
+                        }
                     }
                     _ => {
                         tally.fail();
@@ -242,9 +252,13 @@ impl Coordinator {
                     }
                     waiting &= !(1 << i);
                     match r {
-                        Ok((_, e)) => {
+                        Ok((e, syncing)) => {
                             existed |= e;
-                            tally.ok();
+                            if counts(level, true, syncing) {
+                                tally.ok();
+                            } else {
+                                tally.fail();
+                            }
                         }
                         Err(()) => {
                             tally.fail();
@@ -370,10 +384,8 @@ impl Coordinator {
         let (replicas, down, needed) = self.plan(&key, level, self.read_quorum)?;
         let total = replicas.len() + down.len();
         let mut tally = Tally::new(needed, replicas.len());
-        // A replica still receiving the key's bucket (it just started, or just became a
-        // replica) answers "not found" for keys it has not received yet: that answer goes on
-        // the repair list but does not count, so the read asks another replica.
-        let counts = |answer: &Option<ReplicaEntry>, syncing: bool| answer.is_some() || !syncing;
+        let counts =
+            |answer: &Option<ReplicaEntry>, syncing: bool| counts(level, answer.is_some(), syncing);
         // (replica, its answer) for every replica that answered.
         let mut answers: Vec<(String, Option<ReplicaEntry>)> = Vec::with_capacity(replicas.len());
         #[allow(clippy::type_complexity)]
@@ -576,6 +588,19 @@ impl Coordinator {
             let _ = peers.write(&addr, &entry, deadline).await;
         })
         .detach();
+    }
+}
+
+/// Whether a replica's answer counts toward `level`'s quorum. `found`: it held the key (a
+/// write's acknowledgement always counts as found); `syncing`: see [`Coordinator::syncing`].
+/// At QUORUM and LINEARIZABLE a syncing replica never counts (what it holds, a value or
+/// nothing, may be older than what a settled quorum acknowledged); it is still heard, and read
+/// repaired. At ONE and ALL, which promise no intersection, only its "not found" is no answer,
+/// so a read asks another replica rather than miss a key still on its way.
+fn counts(level: Level, found: bool, syncing: bool) -> bool {
+    match level {
+        Level::Quorum | Level::Linearizable => !syncing,
+        Level::One | Level::All => found || !syncing,
     }
 }
 

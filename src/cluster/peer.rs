@@ -281,9 +281,10 @@ impl PeerClients {
         Ok(Client::over_metered(io, &RECURRING, self.meter.clone()))
     }
 
-    /// Drops the peer's connections and layout after a call failed on one of them: the layout is asked again with the next connection, as the peer may have
-    /// restarted with other cores or on another shard-aware port (one a process of another
-    /// node now holds: it refuses calls meant for this peer).
+    /// Drops the peer's connections and layout after a call failed on one of them: the
+    /// layout is asked again with the next connection, as the peer may have restarted with
+    /// other cores or on another shard-aware port (one a process of another node now holds:
+    /// it refuses calls meant for this peer).
     fn forget(&self, addr: &str) {
         self.conns.borrow_mut().remove(addr);
     }
@@ -300,6 +301,8 @@ impl PeerClients {
         M: prost::Message,
         R: prost::Message + Default,
     {
+        // (bytes the connection had received when the call began, then the connection).
+        let used: RefCell<Option<(u64, Client)>> = RefCell::new(None);
         let call = async {
             let client = self.client(addr, key, deadline).await?;
             let left = deadline.saturating_duration_since(Instant::now());
@@ -308,6 +311,7 @@ impl PeerClients {
                     "deadline passed before the replica call",
                 ));
             }
+            *used.borrow_mut() = Some((client.received(), client.clone()));
             // The client's deadline travels with the call (grpc-timeout), so the replica drops
             // work nobody waits for any more.
             unary(&client, addr, path, &msg, left, MAX_PEER_REPLY).await
@@ -330,7 +334,19 @@ impl PeerClients {
             c.latency.ended(now, now - started, end);
         });
         if let Err(status) = &result {
-            if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
+            // A call that timed out while its connection received nothing at all: the
+            // connection is stuck (a peer stopped behind an open socket, a port another
+            // process took over), and calls on it would keep timing out; the next one
+            // dials again.
+            let stuck = status.code() == tonic::Code::DeadlineExceeded
+                && used
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|(before, c)| c.received() == *before);
+            if stuck
+                || status.code() == tonic::Code::Unavailable
+                || status.code() == tonic::Code::Unknown
+            {
                 self.forget(addr);
             }
         }
@@ -399,7 +415,8 @@ impl PeerClients {
         out
     }
 
-    /// Applies `entry` on the replica `addr`: (stored, a live value existed).
+    /// Applies `entry` on the replica `addr`: (a live value existed, the replica is still
+    /// syncing the key's range, see `Coordinator::syncing`).
     pub async fn write(
         &self,
         addr: &str,
@@ -416,7 +433,7 @@ impl PeerClients {
                 deadline,
             )
             .await?;
-        Ok((ack.applied, ack.existed))
+        Ok((ack.existed, ack.syncing))
     }
 
     /// The replica `addr`'s entry for `key`, tombstones included, and whether that replica

@@ -126,6 +126,35 @@ impl Ring {
         self.replicas_at(key_position(key))
     }
 
+    /// Whether `node` is one of `key`'s replicas: `replicas(key).contains(node)` without
+    /// building the list (a replica asks it of every replica call it serves).
+    pub fn is_replica(&self, key: &[u8], node: &str) -> bool {
+        let Ok(wanted) = self.nodes.binary_search_by(|n| n.as_str().cmp(node)) else {
+            return false;
+        };
+        if self.points.is_empty() {
+            return false;
+        }
+        let start = self.points.partition_point(|&(p, _)| p < key_position(key));
+        // Distinct nodes met so far (REPLICATION_FACTOR is at most 64, config.rs).
+        let mut seen = [u32::MAX; 64];
+        let mut distinct = 0;
+        for i in 0..self.points.len() {
+            let (_, idx) = self.points[(start + i) % self.points.len()];
+            if idx as usize == wanted {
+                return true;
+            }
+            if !seen[..distinct].contains(&idx) {
+                seen[distinct] = idx;
+                distinct += 1;
+                if distinct == self.replication_factor.min(64) {
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
     /// The replicas of every key in `bucket`.
     pub fn bucket_replicas(&self, bucket: usize) -> Vec<&str> {
         // The bucket's last position; for the last bucket this wraps to 0, whose first point
@@ -283,6 +312,25 @@ mod tests {
             "capped at the node count"
         );
         assert_eq!(ring(1, 3).replicas(b"x"), vec!["10.0.0.0:8080"]);
+    }
+
+    #[test]
+    fn is_replica_agrees_with_replicas() {
+        for (n, rf) in [(1, 1), (2, 3), (3, 3), (5, 2), (7, 3)] {
+            let r = ring(n, rf);
+            for i in 0..500 {
+                let key = format!("key-{i}");
+                let reps = r.replicas(key.as_bytes());
+                for node in (0..n).map(|j| format!("10.0.0.{j}:8080")) {
+                    assert_eq!(
+                        r.is_replica(key.as_bytes(), &node),
+                        reps.contains(&node.as_str()),
+                        "{key} on {node}, {n} nodes, RF {rf}"
+                    );
+                }
+                assert!(!r.is_replica(key.as_bytes(), "10.9.9.9:1"));
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,10 @@
 use crate::cluster::{free_cluster_port, get, members, set, value_of, wait_converged};
 use crate::metrics::{scrape, sum};
 use crate::support::{free_port, wait_until, Node};
-use distributed_cache::pb::{cache_service_client::CacheServiceClient, Consistency, SetRequest};
+use distributed_cache::pb::{
+    cache_service_client::CacheServiceClient, node_service_client::NodeServiceClient, Consistency,
+    LayoutRequest, SetRequest,
+};
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -17,16 +20,31 @@ use tonic::{transport::Channel, Code};
 pub struct UserNode {
     pub node: Node,
     pub uid: u32,
-    pub port: u16,
+    /// ADDR's port (gRPC and gossip), then the shard-aware port if the node has one: a cut
+    /// that missed the latter would leave replica calls flowing (a partial partition).
+    pub ports: Vec<u16>,
 }
 
 /// Starts (or restarts) the node of `uid` on `addr`, seeded by `seed`.
-pub async fn start_user_node(uid: u32, addr: &str, seed: &str, extra: &[(&str, &str)]) -> Node {
+pub async fn start_user_node(uid: u32, addr: &str, seed: &str, extra: &[(&str, &str)]) -> UserNode {
     let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
     let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
     let mut env = vec![("ADDR", addr), ("PEERS", seed), ("RPC_TIMEOUT", "20")];
     env.extend_from_slice(extra);
-    Node::start_with(Some(&wrapper), &env).await
+    let node = Node::start_with(Some(&wrapper), &env).await;
+    let mut ports = vec![addr.rsplit(':').next().unwrap().parse().unwrap()];
+    let shard_port = NodeServiceClient::connect(node.url())
+        .await
+        .expect("NodeService connects")
+        .layout(LayoutRequest {})
+        .await
+        .expect("Layout answers")
+        .into_inner()
+        .shard_port;
+    if shard_port != 0 {
+        ports.push(shard_port as u16);
+    }
+    UserNode { node, uid, ports }
 }
 
 /// The user id of one test's node `i` (at most 8 per test): distinct from other tests' (by
@@ -43,20 +61,16 @@ pub async fn user_cluster(
     first_extra: &[(&str, &str)],
     extra: &[(&str, &str)],
 ) -> Vec<UserNode> {
-    let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_cluster_port()))
+        .collect();
     let mut nodes = Vec::new();
     for (i, uid) in (0..3).map(|i| uid(tag, i)).enumerate() {
         let mut env = extra.to_vec();
         if i == 0 {
             env.extend_from_slice(first_extra);
         }
-        let node = start_user_node(uid, &addrs[i], &addrs[0], &env).await;
-        nodes.push(UserNode {
-            node,
-            uid,
-            port: ports[i],
-        });
+        nodes.push(start_user_node(uid, &addrs[i], &addrs[0], &env).await);
     }
     let refs: Vec<&Node> = nodes.iter().map(|n| &n.node).collect();
     wait_converged(&refs, &addrs).await;
@@ -79,14 +93,16 @@ pub struct Cut {
 
 impl Cut {
     pub fn new(cut: &UserNode, others: &[&UserNode]) -> Cut {
-        let chain = format!("DC_CUT_{}_{}", std::process::id(), cut.port);
+        let chain = format!("DC_CUT_{}_{}", std::process::id(), cut.ports[0]);
         assert!(
             iptables(&["-N", &chain]) && iptables(&["-I", "OUTPUT", "-j", &chain]),
             "this test needs root and iptables (apt-get install iptables)"
         );
         let cut_ = Cut { chain };
         for other in others {
-            for (from, to) in [(cut.uid, other.port), (other.uid, cut.port)] {
+            let one_way = other.ports.iter().map(|&p| (cut.uid, p));
+            let other_way = cut.ports.iter().map(|&p| (other.uid, p));
+            for (from, to) in one_way.chain(other_way) {
                 for proto in ["tcp", "udp"] {
                     assert!(iptables(&[
                         "-A",

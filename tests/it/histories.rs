@@ -194,8 +194,7 @@ impl Cluster {
         let port = free_cluster_port();
         let addr = format!("127.0.0.1:{port}");
         let uid = uid(self.tag, 3);
-        let node = start_user_node(uid, &addr, &self.nodes[0].node.addr, &NODE_ENV).await;
-        self.joiner = Some(UserNode { node, uid, port });
+        self.joiner = Some(start_user_node(uid, &addr, &self.nodes[0].node.addr, &NODE_ENV).await);
     }
 
     async fn restart_killed(&mut self) {
@@ -203,7 +202,7 @@ impl Cluster {
         let n = &mut self.nodes[2];
         n.node.wait_exit(Duration::from_secs(5)).await;
         let addr = n.node.addr.clone();
-        n.node = start_user_node(n.uid, &addr, &seed, &NODE_ENV).await;
+        *n = start_user_node(n.uid, &addr, &seed, &NODE_ENV).await;
     }
 
     /// Waits for the joiner's graceful leave (its hand-off included) to end.
@@ -331,6 +330,29 @@ struct Record {
 struct Findings {
     /// (level, operations, acknowledged, unknown, stale reads, linearizability verdict).
     rows: Vec<(Consistency, usize, usize, usize, usize, Verdict)>,
+    /// When each fault began and when the cluster had settled after it, in ms from the start:
+    /// printed with an anomaly, to tell which fault it came with.
+    faults: Vec<(&'static str, f64, f64)>,
+    /// Every write, to show the one that wrote a value an anomalous read returned.
+    writes: Vec<Vec<Op>>,
+    /// Per level, the first stale read, described.
+    first_stale: Vec<Option<String>>,
+}
+
+impl Findings {
+    fn context(&self, level: usize, values: &[&str]) -> String {
+        let mut out = String::from("faults:\n");
+        for (name, from, to) in &self.faults {
+            out += &format!("  {from:>10.3} ms .. {to:>10.3} ms  {name}\n");
+        }
+        out += "the writes of the values read:\n";
+        for w in &self.writes[level] {
+            if matches!(&w.kind, Kind::Write(Some(v)) if values.contains(&v.as_str())) {
+                out += &format!("  {w}\n");
+            }
+        }
+        out
+    }
 }
 
 /// Runs `faults` in order against the three levels' clients on a fresh cluster, then checks
@@ -348,6 +370,7 @@ async fn run(tag: u32, faults: &[Fault]) -> Findings {
         .collect();
     let local = tokio::task::LocalSet::new();
     let mut clients = Vec::new();
+    let mut timeline = Vec::new();
     for (r, (level, prefix)) in records.iter().zip(LEVELS) {
         for i in 0..CLIENTS_PER_LEVEL {
             let id = (level as u32) * 100 + i;
@@ -366,7 +389,10 @@ async fn run(tag: u32, faults: &[Fault]) -> Findings {
         .run_until(async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             for fault in faults {
+                let from = start.elapsed().as_secs_f64() * 1e3;
                 cluster.inject(*fault).await;
+                let to = start.elapsed().as_secs_f64() * 1e3;
+                timeline.push((fault.name(), from, to));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             stop.set(true);
@@ -390,7 +416,31 @@ async fn run(tag: u32, faults: &[Fault]) -> Findings {
             (r.level, ops, acked, unknown, stale, consistency::check(&h))
         })
         .collect();
-    Findings { rows }
+    let writes = records
+        .iter()
+        .map(|r| {
+            let h = r.history.borrow();
+            h.ops
+                .iter()
+                .filter(|o| matches!(o.kind, Kind::Write(_)))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let first_stale = records
+        .iter()
+        .map(|r| {
+            stale_reads(&r.history.borrow())
+                .first()
+                .map(|s| s.to_string())
+        })
+        .collect();
+    Findings {
+        rows,
+        faults: timeline,
+        writes,
+        first_stale,
+    }
 }
 
 fn verdict_name(v: &Verdict) -> String {
@@ -403,7 +453,7 @@ fn verdict_name(v: &Verdict) -> String {
 
 /// Asserts each level's promise; prints what was seen.
 fn assert_promises(findings: &Findings, what: &str) {
-    for (level, ops, acked, unknown, stale, verdict) in &findings.rows {
+    for (i, (level, ops, acked, unknown, stale, verdict)) in findings.rows.iter().enumerate() {
         let stale_note = match level {
             Consistency::Quorum => format!("{stale} stale reads"),
             _ => "stale reads not judged (Deletes)".into(),
@@ -417,13 +467,30 @@ fn assert_promises(findings: &Findings, what: &str) {
         // (Deletes, which only the other levels' clients send, make this check meaningless;
         // linearizability implies it.)
         if *level == Consistency::Quorum {
-            assert_eq!(*stale, 0, "QUORUM read older than an acknowledged write");
+            assert!(
+                *stale == 0,
+                "QUORUM read older than an acknowledged write ({stale} reads), the first:\n{}{}",
+                findings.first_stale[i].as_deref().unwrap_or(""),
+                findings.context(i, &[])
+            );
         }
         if *level == Consistency::Linearizable {
             match verdict {
                 Verdict::Linearizable => {}
                 Verdict::NotLinearizable(reports) => {
-                    panic!("LINEARIZABLE history is not:\n{}", reports[0])
+                    let values: Vec<&str> = reports[0]
+                        .window
+                        .iter()
+                        .filter_map(|o| match &o.kind {
+                            Kind::Read(Some(v)) => Some(v.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    panic!(
+                        "LINEARIZABLE history is not:\n{}{}",
+                        reports[0],
+                        findings.context(i, &values)
+                    )
                 }
                 Verdict::Undecided { key } => panic!("the checker gave up on {key}"),
             }

@@ -259,7 +259,6 @@ impl CoreCtx {
         shard_of(key, self.num_shards)
     }
 
-    /// Executes `command` on the core that owns `shard`.
     /// Counts a replica request for `shard` that arrived on a core not owning it.
     fn count_replica_hop(&self, shard: ShardId) {
         if owner_core(shard, self.router.nr_cores()) != self.router.core() {
@@ -267,6 +266,7 @@ impl CoreCtx {
         }
     }
 
+    /// Executes `command` on the core that owns `shard`.
     async fn route(
         self: &Rc<Self>,
         shard: ShardId,
@@ -313,13 +313,18 @@ async fn replica_write(
     deadline: Instant,
 ) -> Result<pb::ReplicaAck, Error> {
     let entry = crate::cluster::antientropy::entry_from_pb(m);
+    let syncing = ctx.coordinator.syncing(&entry.key);
     let shard = ctx.shard(&entry.key);
     ctx.count_replica_hop(shard);
     match ctx
         .route(shard, Command::Apply(entry), deadline, Level::One)
         .await?
     {
-        Reply::Applied { applied, existed } => Ok(pb::ReplicaAck { applied, existed }),
+        Reply::Applied { applied, existed } => Ok(pb::ReplicaAck {
+            applied,
+            existed,
+            syncing,
+        }),
         _ => Err(Error::Internal(
             "unexpected reply to a replica write".into(),
         )),
