@@ -62,6 +62,8 @@ pub struct Counters {
     pub handed_off: AtomicU64,
     pub dropped: AtomicU64,
     pub bytes: AtomicU64,
+    /// Buckets this node replicates and has not compared with a peer yet (a gauge).
+    pub syncing: AtomicU64,
 }
 
 /// A copy of the counters for a scrape.
@@ -74,6 +76,7 @@ pub struct Counts {
     pub handed_off: u64,
     pub dropped: u64,
     pub bytes: u64,
+    pub syncing: u64,
 }
 
 impl Counters {
@@ -87,6 +90,7 @@ impl Counters {
             handed_off: l(&self.handed_off),
             dropped: l(&self.dropped),
             bytes: l(&self.bytes),
+            syncing: l(&self.syncing),
         }
     }
 
@@ -345,6 +349,9 @@ impl AntiEntropy {
         f(&mut syncing);
         if *syncing != before {
             tracing::debug!(buckets = syncing.len(), "buckets still syncing");
+            self.counters
+                .syncing
+                .store(syncing.len() as u64, Ordering::Relaxed);
             self.publish_syncing(&syncing);
         }
     }

@@ -580,6 +580,14 @@ impl Collector for SnapshotCollector {
         ] {
             counter_family(&mut encoder, name, help, &[(Vec::new(), value)])?;
         }
+        gauge_family(
+            &mut encoder,
+            "cache_syncing_buckets",
+            "Ring buckets this node replicates but has not compared with a peer since it \
+             started or became their replica: its answers about their keys do not count \
+             toward a quorum yet.",
+            &[(Vec::new(), dm.syncing as i64)],
+        )?;
         counter_family(
             &mut encoder,
             "cache_anti_entropy_entries",

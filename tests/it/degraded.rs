@@ -33,12 +33,15 @@ pub async fn start_user_node(uid: u32, addr: &str, seed: &str, extra: &[(&str, &
     env.extend_from_slice(extra);
     let node = Node::start_with(Some(&wrapper), &env).await;
     let mut ports = vec![addr.rsplit(':').next().unwrap().parse().unwrap()];
-    let shard_port = NodeServiceClient::connect(node.url())
+    let mut layout = NodeServiceClient::connect(node.url())
         .await
-        .expect("NodeService connects")
-        .layout(LayoutRequest {})
+        .expect("NodeService connects");
+    let mut ask = tonic::Request::new(LayoutRequest {});
+    ask.set_timeout(Duration::from_secs(10));
+    let shard_port = layout
+        .layout(ask)
         .await
-        .expect("Layout answers")
+        .unwrap_or_else(|e| panic!("Layout answers: {e}; the node's log:\n{}", node.log()))
         .into_inner()
         .shard_port;
     if shard_port != 0 {

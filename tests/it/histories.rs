@@ -292,6 +292,8 @@ impl Cluster {
                     let read = ReplicaRead {
                         key: key.clone().into_bytes(),
                     };
+                    let mut read = tonic::Request::new(read);
+                    read.set_timeout(Duration::from_secs(2));
                     seen.push(p.read(read).await.ok().map(|r| {
                         let e = r.into_inner();
                         (e.found, e.value, e.hlc, e.node, e.flags)
@@ -390,6 +392,7 @@ async fn run(tag: u32, faults: &[Fault]) -> Findings {
             tokio::time::sleep(Duration::from_millis(500)).await;
             for fault in faults {
                 let from = start.elapsed().as_secs_f64() * 1e3;
+                eprintln!("{from:>10.3} ms: {}", fault.name());
                 cluster.inject(*fault).await;
                 let to = start.elapsed().as_secs_f64() * 1e3;
                 timeline.push((fault.name(), from, to));
