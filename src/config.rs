@@ -104,8 +104,7 @@ pub struct Config {
     /// away with GOAWAY.
     pub max_connections: usize,
     /// The shard-aware port (ingress/steer.rs): Some(0) for one the kernel picks, None when
-    /// SHARD_PORT is unset or off (the default until replica calls through it keep QUORUM's
-    /// promise under the degraded-mode and consistency suites every time).
+    /// SHARD_PORT is unset or off (the default, README says why).
     pub shard_port: Option<u16>,
 }
 
