@@ -85,6 +85,10 @@ pub const OUTCOMES: [&str; 3] = ["ok", "error", "timeout"];
 /// How long a peer may take to tell its layout before it is asked again.
 const LAYOUT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a call must have waited, on a connection that received nothing meanwhile, for
+/// its timeout to condemn the connection.
+const STUCK_AFTER: Duration = Duration::from_millis(100);
+
 /// How long a dial may take before the peer counts as unreachable for this call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -334,11 +338,13 @@ impl PeerClients {
             c.latency.ended(now, now - started, end);
         });
         if let Err(status) = &result {
-            // A call that timed out while its connection received nothing at all: the
-            // connection is stuck (a peer stopped behind an open socket, a port another
-            // process took over), and calls on it would keep timing out; the next one
-            // dials again.
+            // A call that waited STUCK_AFTER or more and timed out while its connection
+            // received nothing at all: the connection is stuck (a peer stopped behind an open
+            // socket, a port another process took over), and calls on it would keep timing
+            // out; the next one dials again. (A short deadline missed under load says nothing
+            // of the connection.)
             let stuck = status.code() == tonic::Code::DeadlineExceeded
+                && now - started >= STUCK_AFTER
                 && used
                     .borrow()
                     .as_ref()
