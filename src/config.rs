@@ -103,7 +103,7 @@ pub struct Config {
     /// Client connections the node serves at once (split over its cores); more are turned
     /// away with GOAWAY.
     pub max_connections: usize,
-    /// The shard-aware port (ingress/steer.rs): Some(0) for one the kernel picks, None when
+    /// The shard-aware port (routing/steer.rs): Some(0) for one the kernel picks, None when
     /// SHARD_PORT is unset or off (the default, README says why).
     pub shard_port: Option<u16>,
 }

@@ -17,12 +17,14 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod ingress;
 pub mod node;
 pub mod observability;
 pub mod routing;
+pub mod wire;
 
 /// Generated from `proto/cache.proto` by build.rs.
 #[allow(clippy::all, missing_docs)]

@@ -9,12 +9,16 @@
 //! - [`prereq`]: io_uring and locked-memory probes, so a missing prerequisite is one clear line.
 //! - [`mesh`]: [`Mesh`] / [`Router`], one bounded SPSC channel per ordered pair of cores for
 //!   requests and one for replies.
+//! - [`sharded`]: [`Sharded`], asking one core or every core from outside them, with typed
+//!   answers and a deadline.
 
 pub mod mesh;
 pub mod prereq;
+pub mod sharded;
 
 pub use mesh::{CallError, Handled, Mesh, Router};
 pub use prereq::{check_prerequisites, PrereqError};
+pub use sharded::{sharded, Inbox, Pending, Sharded, Unanswered};
 
 use std::{thread, time::Duration};
 

@@ -1,6 +1,6 @@
 //! Anti-entropy and data movement, on the side thread.
 //!
-//! Every core keeps, per ring bucket (4096 of them, see [`super::ring`]), a digest of what its
+//! Every core keeps, per ring bucket (4096 of them, see [`crate::routing::buckets`]), a digest of what its
 //! shards hold: the XOR of one hash per entry over key, version and tombstone bit, updated by
 //! every write, eviction, expiry and removal (never rebuilt by scanning). Two replicas compare
 //! the buckets they share top-down: 64 group digests first, then the bucket digests of the
@@ -19,17 +19,19 @@
 //! A round runs every ANTI_ENTROPY_INTERVAL and at once after a ring change. The side thread
 //! asks the cores for digests, lists and entries by message; nothing here touches a shard.
 
-use super::ring::{BucketSet, Ring, BUCKETS};
+use super::ring::Ring;
 use crate::{
     engine::{
         command::ReplicaEntry,
         core::{KeyVersion, Leaves},
         hlc::Version,
     },
-    ingress::side::ControlMsg,
     pb::{self, peer_service_client::PeerServiceClient},
-    routing::{owner_core, shard_of},
+    routing::buckets::{BucketSet, BUCKETS},
+    wire,
 };
+use executors::Unanswered;
+use std::future::Future;
 use std::{
     collections::HashMap,
     sync::{
@@ -38,7 +40,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// Entries whose keys are listed in one call (a batch holds at least one bucket): each list
@@ -99,123 +101,35 @@ impl Counters {
     }
 }
 
-pub fn entry_to_pb(e: &ReplicaEntry) -> pb::ReplicaWrite {
-    pb::ReplicaWrite {
-        key: e.key.clone(),
-        value: e.value.clone(),
-        hlc: e.version.hlc,
-        node: e.version.node,
-        ttl_ms: e.ttl_ms,
-        flags: e.flags as u32,
-    }
-}
-
-pub fn entry_from_pb(m: pb::ReplicaWrite) -> ReplicaEntry {
-    ReplicaEntry {
-        version: Version {
-            hlc: m.hlc,
-            node: m.node,
-        },
-        ttl_ms: m.ttl_ms,
-        flags: m.flags as u8,
-        value: m.value,
-        key: m.key,
-    }
-}
-
-/// The side thread's way to the cores' shards.
-#[derive(Clone)]
-pub struct Cores {
-    pub txs: Vec<mpsc::UnboundedSender<ControlMsg>>,
-    pub num_shards: u32,
-}
-
-impl Cores {
-    /// Asks every core; a core that is gone counts as holding nothing.
-    async fn ask_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> ControlMsg) -> Vec<T> {
-        let mut waiting = Vec::with_capacity(self.txs.len());
-        for tx in &self.txs {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if tx.send(make(reply_tx)).is_ok() {
-                waiting.push(reply_rx);
-            }
-        }
-        let mut out = Vec::with_capacity(waiting.len());
-        for rx in waiting {
-            if let Ok(v) = rx.await {
-                out.push(v);
-            }
-        }
-        out
-    }
-
-    /// Per bucket, the XOR of every core's digest and the node's entry count.
-    pub async fn digests(&self) -> Leaves {
-        let mut out = Leaves::default();
-        for l in self.ask_all(ControlMsg::Digests).await {
-            out.add(&l.digests, &l.counts);
-        }
-        out
-    }
-
-    pub async fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
-        let buckets = Arc::new(buckets.clone());
-        self.ask_all(|tx| ControlMsg::List(Arc::clone(&buckets), tx))
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    fn by_core<T>(
+/// This node's side of a comparison: what its cores hold. The control plane answers from the
+/// cores; a core that does not answer fails the comparison rather than count as empty.
+pub trait LocalReplica: Send + Sync + 'static {
+    /// Per bucket, the XOR of every core's digest, and the node's entry count.
+    fn digests(&self) -> impl Future<Output = Result<Leaves, Unanswered>> + Send;
+    /// Key, version and flags of every live entry in `buckets`.
+    fn list(
         &self,
-        items: Vec<T>,
-        key: impl Fn(&T) -> &[u8],
-    ) -> Vec<Vec<(crate::routing::ShardId, T)>> {
-        let mut per_core: Vec<Vec<_>> = (0..self.txs.len()).map(|_| Vec::new()).collect();
-        for item in items {
-            let shard = shard_of(key(&item), self.num_shards);
-            per_core[owner_core(shard, self.txs.len())].push((shard, item));
-        }
-        per_core
-    }
+        buckets: &BucketSet,
+    ) -> impl Future<Output = Result<Vec<KeyVersion>, Unanswered>> + Send;
+    /// The entries for `keys` that are held here.
+    fn fetch(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<ReplicaEntry>, Unanswered>> + Send;
+    /// Applies entries from another replica; how many changed something.
+    fn apply(
+        &self,
+        entries: Vec<ReplicaEntry>,
+    ) -> impl Future<Output = Result<usize, Unanswered>> + Send;
+    /// Drops every entry in `buckets`; how many.
+    fn drop_buckets(
+        &self,
+        buckets: &BucketSet,
+    ) -> impl Future<Output = Result<usize, Unanswered>> + Send;
+}
 
-    pub async fn fetch(&self, keys: Vec<Vec<u8>>) -> Vec<ReplicaEntry> {
-        let mut out = Vec::with_capacity(keys.len());
-        for (core, keys) in self.by_core(keys, |k| k).into_iter().enumerate() {
-            if keys.is_empty() {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            if self.txs[core].send(ControlMsg::Fetch(keys, tx)).is_ok() {
-                out.extend(rx.await.unwrap_or_default());
-            }
-        }
-        out
-    }
-
-    /// Applies entries from another replica; returns how many changed something.
-    pub async fn apply(&self, entries: Vec<ReplicaEntry>) -> usize {
-        let mut applied = 0;
-        for (core, entries) in self.by_core(entries, |e| &e.key).into_iter().enumerate() {
-            if entries.is_empty() {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            if self.txs[core].send(ControlMsg::Apply(entries, tx)).is_ok() {
-                applied += rx.await.unwrap_or(0);
-            }
-        }
-        applied
-    }
-
-    pub async fn drop_buckets(&self, buckets: &BucketSet) -> usize {
-        let buckets = Arc::new(buckets.clone());
-        self.ask_all(|tx| ControlMsg::Drop(Arc::clone(&buckets), tx))
-            .await
-            .into_iter()
-            .sum()
-    }
+fn unavailable(e: Unanswered) -> tonic::Status {
+    tonic::Status::unavailable(e.to_string())
 }
 
 /// XOR of the digests of `buckets` in each group of 64 buckets.
@@ -225,61 +139,6 @@ pub fn group_digests(digests: &[u64], buckets: &BucketSet) -> Vec<u64> {
         groups[b / 64] ^= digests[b];
     }
     groups
-}
-
-/// The anti-entropy endpoints of the peer protocol.
-pub async fn serve_digests(
-    cores: &Cores,
-    req: pb::DigestRequest,
-) -> Result<pb::DigestReply, tonic::Status> {
-    let buckets = BucketSet::from_bytes(&req.buckets)
-        .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))?;
-    let leaves = cores.digests().await;
-    Ok(if req.groups {
-        pb::DigestReply {
-            digests: group_digests(&leaves.digests, &buckets),
-            counts: Vec::new(),
-        }
-    } else {
-        pb::DigestReply {
-            digests: buckets.iter().map(|b| leaves.digests[b]).collect(),
-            counts: buckets.iter().map(|b| leaves.counts[b]).collect(),
-        }
-    })
-}
-
-pub async fn serve_keys(
-    cores: &Cores,
-    req: pb::KeysRequest,
-) -> Result<pb::KeysReply, tonic::Status> {
-    let buckets = BucketSet::from_bytes(&req.buckets)
-        .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))?;
-    let keys = cores
-        .list(&buckets)
-        .await
-        .into_iter()
-        .map(|kv| pb::KeyVersion {
-            key: kv.key,
-            hlc: kv.version.hlc,
-            node: kv.version.node,
-            flags: kv.flags as u32,
-        })
-        .collect();
-    Ok(pb::KeysReply { keys })
-}
-
-pub async fn serve_fetch(cores: &Cores, req: pb::FetchRequest) -> pb::EntryBatch {
-    let entries = cores.fetch(req.keys).await;
-    pb::EntryBatch {
-        entries: entries.iter().map(entry_to_pb).collect(),
-    }
-}
-
-pub async fn serve_apply(cores: &Cores, req: pb::EntryBatch) -> pb::ApplyAck {
-    let entries = req.entries.into_iter().map(entry_from_pb).collect();
-    pb::ApplyAck {
-        applied: cores.apply(entries).await as u32,
-    }
 }
 
 /// Anti-entropy settings.
@@ -307,36 +166,37 @@ struct SyncOutcome {
     pushed: usize,
 }
 
-pub struct AntiEntropy {
+pub struct AntiEntropy<L> {
     settings: Settings,
-    cores: Cores,
+    local: L,
     counters: Arc<Counters>,
     clients: tokio::sync::Mutex<HashMap<String, PeerServiceClient<Channel>>>,
     /// Buckets this node replicates but has not yet compared with a peer since it started or
     /// became their replica; the cores learn them so that reads discount this node's "not
     /// found" there. Only the side thread's tasks touch it, one at a time.
     syncing: std::sync::Mutex<BucketSet>,
+    /// Where the cores learn the syncing set.
+    syncing_tx: watch::Sender<Arc<BucketSet>>,
 }
 
 fn bytes_of<M: prost::Message>(m: &M) -> usize {
     m.encoded_len()
 }
 
-impl AntiEntropy {
-    pub fn new(settings: Settings, cores: Cores, counters: Arc<Counters>) -> Self {
+impl<L: LocalReplica> AntiEntropy<L> {
+    pub fn new(
+        settings: Settings,
+        local: L,
+        counters: Arc<Counters>,
+        syncing_tx: watch::Sender<Arc<BucketSet>>,
+    ) -> Self {
         Self {
             settings,
-            cores,
+            local,
             counters,
+            syncing_tx,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             syncing: std::sync::Mutex::new(BucketSet::default()),
-        }
-    }
-
-    fn publish_syncing(&self, set: &BucketSet) {
-        let set = Arc::new(set.clone());
-        for tx in &self.cores.txs {
-            let _ = tx.send(ControlMsg::Syncing(Arc::clone(&set)));
         }
     }
 
@@ -352,7 +212,7 @@ impl AntiEntropy {
             self.counters
                 .syncing
                 .store(syncing.len() as u64, Ordering::Relaxed);
-            self.publish_syncing(&syncing);
+            let _ = self.syncing_tx.send(Arc::new(syncing.clone()));
         }
     }
 
@@ -387,7 +247,7 @@ impl AntiEntropy {
     ) -> Result<SyncOutcome, tonic::Status> {
         let mut client = self.client(peer).await?;
         Counters::add(&self.counters.buckets_compared, buckets.len());
-        let local = self.cores.digests().await;
+        let local = self.local.digests().await.map_err(unavailable)?;
         let (local, local_counts) = (local.digests, local.counts);
         // Top level: groups of 64 buckets.
         let req = pb::DigestRequest {
@@ -456,19 +316,11 @@ impl AntiEntropy {
         let mut theirs: HashMap<Vec<u8>, Version> = remote
             .keys
             .into_iter()
-            .map(|k| {
-                (
-                    k.key,
-                    Version {
-                        hlc: k.hlc,
-                        node: k.node,
-                    },
-                )
-            })
+            .map(wire::key_version_from_pb)
             .collect();
         let mut pull = Vec::new();
         let mut push = Vec::new();
-        for mine in self.cores.list(buckets).await {
+        for mine in self.local.list(buckets).await.map_err(unavailable)? {
             match theirs.remove(&mine.key) {
                 Some(v) if v > mine.version => pull.push(mine.key),
                 Some(v) if v == mine.version => {}
@@ -486,15 +338,15 @@ impl AntiEntropy {
                 let batch = client.fetch(req).await?.into_inner();
                 self.count_bytes(bytes_of(&batch));
                 let entries: Vec<ReplicaEntry> =
-                    batch.entries.into_iter().map(entry_from_pb).collect();
-                outcome.pulled += self.cores.apply(entries).await;
+                    batch.entries.into_iter().map(wire::entry_from_pb).collect();
+                outcome.pulled += self.local.apply(entries).await.map_err(unavailable)?;
             }
         }
         for keys in push.chunks(ENTRIES_PER_BATCH) {
-            let entries = self.cores.fetch(keys.to_vec()).await;
+            let entries = self.local.fetch(keys.to_vec()).await.map_err(unavailable)?;
             for batch in batches(&entries) {
                 let req = pb::EntryBatch {
-                    entries: batch.iter().map(entry_to_pb).collect(),
+                    entries: batch.iter().map(wire::entry_to_pb).collect(),
                 };
                 self.count_bytes(bytes_of(&req));
                 let ack = client.apply(req).await?.into_inner();
@@ -552,7 +404,13 @@ impl AntiEntropy {
     /// every replica acknowledged.
     pub async fn hand_off(&self, ring: &Ring, may_drop: bool) -> bool {
         let me = self.settings.me.as_str();
-        let leaves = self.cores.digests().await;
+        let leaves = match self.local.digests().await {
+            Ok(leaves) => leaves,
+            Err(e) => {
+                tracing::debug!(error = %e, "hand-off: a core did not answer");
+                return false;
+            }
+        };
         let mut orphans = BucketSet::default();
         for (b, &n) in leaves.counts.iter().enumerate() {
             if n > 0 && !ring.bucket_replicas(b).contains(&me) {
@@ -592,19 +450,24 @@ impl AntiEntropy {
             }
         }
         if all_acked && may_drop && ring.nodes().iter().any(|n| n != me) {
-            let dropped = self.cores.drop_buckets(&orphans).await;
-            Counters::add(&self.counters.dropped, dropped);
-            tracing::info!(
-                buckets = orphans.len(),
-                entries = dropped,
-                "dropped buckets this node no longer replicates, now held by their replicas"
-            );
+            match self.local.drop_buckets(&orphans).await {
+                Ok(dropped) => {
+                    Counters::add(&self.counters.dropped, dropped);
+                    tracing::info!(
+                        buckets = orphans.len(),
+                        entries = dropped,
+                        "dropped buckets this node no longer replicates, now held by their replicas"
+                    );
+                }
+                // Kept for the next round, which finds them orphaned again.
+                Err(e) => tracing::debug!(error = %e, "dropping handed-off buckets failed"),
+            }
         }
         all_acked
     }
 
     /// Runs rounds every interval and right after each ring change, forever.
-    pub async fn run(self: Arc<Self>, mut rings: watch::Receiver<Ring>) {
+    pub async fn run(self: Arc<Self>, mut rings: watch::Receiver<Arc<Ring>>) {
         let mut changed_at = Instant::now();
         // A node that starts holds nothing: every bucket syncs before its answers count.
         self.update_syncing(|s| *s = BucketSet::all());
@@ -622,7 +485,7 @@ impl AntiEntropy {
             if ring_changed {
                 changed_at = Instant::now();
             }
-            let ring = rings.borrow_and_update().clone();
+            let ring = Ring::clone(&rings.borrow_and_update());
             if previous.as_ref() != Some(&ring) {
                 // Buckets this node has just become a replica of.
                 let me = self.settings.me.as_str();
@@ -738,17 +601,5 @@ mod tests {
         assert_eq!(g[0], digests[3]);
         assert_eq!(g[1], digests[70]);
         assert!(g[2..].iter().all(|&x| x == 0));
-    }
-
-    #[test]
-    fn entries_survive_the_wire_format() {
-        let e = ReplicaEntry {
-            key: b"key".to_vec(),
-            value: b"value".to_vec(),
-            version: Version { hlc: 42, node: 7 },
-            ttl_ms: 1500,
-            flags: 3,
-        };
-        assert_eq!(entry_from_pb(entry_to_pb(&e)), e);
     }
 }

@@ -4,13 +4,15 @@
 //! Calls still running when the decision is made finish in the background, so a write reaches
 //! every replica that is up, and a read repairs the stale replicas it saw.
 
+pub use super::replication::Level;
+
 use super::{
     hints::Hints,
-    membership::MemberState,
+    membership::{state_of, Health, MemberState},
     peer::PeerClients,
-    replication::{required, resolve, Level, Outcome, Tally, Versioned},
+    replication::{required, resolve, Outcome, Tally, Versioned},
     ring::Ring,
-    snitch::{state_of, Health, SpeculativeRetry},
+    snitch::SpeculativeRetry,
 };
 use crate::{
     engine::{
@@ -20,15 +22,22 @@ use crate::{
         hlc::Version,
     },
     error::Error,
-    routing::ShardId,
+    routing::{
+        buckets::{bucket_of, BucketSet},
+        ShardId,
+    },
 };
 use futures_lite::future;
 use glommio::channels::local_channel;
 use std::{
     cell::{Cell, RefCell},
+    future::Future,
+    pin::Pin,
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
+use tokio::sync::watch;
 
 /// How often a request waiting on replicas, with none left to ask, looks again at the failure
 /// detector's verdicts: a replica declared DOWN meanwhile fails the wait well before the
@@ -41,6 +50,60 @@ const REPAIR_WINDOW: Duration = Duration::from_secs(2);
 impl Versioned for ReplicaEntry {
     fn version(&self) -> Version {
         self.version
+    }
+}
+
+/// A request on its way to the core that owns its key: the engine's request, and the
+/// consistency level the client asked for (the coordinator's business, not the engine's;
+/// replica commands carry ONE, they act on this node alone).
+#[derive(Debug)]
+pub struct Routed {
+    pub request: Request,
+    pub level: Level,
+}
+
+/// What the control plane publishes to every core: the latest ring, the failure detector's
+/// verdicts and the buckets this node is still receiving. A watch keeps only the latest of
+/// each, which is all a core needs; each core follows them into copies of its own, so the
+/// request path reads them without a lock.
+#[derive(Clone)]
+pub struct ClusterViews {
+    pub ring: watch::Receiver<Arc<Ring>>,
+    pub health: watch::Receiver<Arc<Health>>,
+    pub syncing: watch::Receiver<Arc<BucketSet>>,
+}
+
+/// The control plane's side of [`ClusterViews`].
+pub struct ViewPublishers {
+    pub ring: watch::Sender<Arc<Ring>>,
+    pub health: watch::Sender<Arc<Health>>,
+    pub syncing: watch::Sender<Arc<BucketSet>>,
+}
+
+/// Views for a node that knows only itself: a ring of one, no verdicts, nothing syncing.
+pub fn cluster_views(first_ring: Ring) -> (ViewPublishers, ClusterViews) {
+    let (ring_tx, ring) = watch::channel(Arc::new(first_ring));
+    let (health_tx, health) = watch::channel(Arc::new(Health::default()));
+    let (syncing_tx, syncing) = watch::channel(Arc::new(BucketSet::default()));
+    (
+        ViewPublishers {
+            ring: ring_tx,
+            health: health_tx,
+            syncing: syncing_tx,
+        },
+        ClusterViews {
+            ring,
+            health,
+            syncing,
+        },
+    )
+}
+
+/// Copies each new value of `rx` into this core with `apply`, until the publisher is gone.
+async fn follow_one<T>(mut rx: watch::Receiver<Arc<T>>, apply: impl Fn(&T)) {
+    while rx.changed().await.is_ok() {
+        let latest = Arc::clone(&rx.borrow_and_update());
+        apply(&latest);
     }
 }
 
@@ -60,7 +123,7 @@ pub struct Coordinator {
     /// Writes that replicas missed, kept for when they answer again.
     pub hints: Rc<Hints>,
     /// Buckets this node is still receiving (from the side thread's anti-entropy).
-    pub syncing: RefCell<Rc<crate::cluster::ring::BucketSet>>,
+    pub syncing: RefCell<Rc<BucketSet>>,
     /// The failure detector's verdicts, replaced by message on every change.
     pub health: RefCell<Rc<Health>>,
     /// SPECULATIVE_RETRY.
@@ -74,6 +137,23 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// The tasks that keep this core's copies of the cluster views current; the core spawns
+    /// them.
+    pub fn follow(self: Rc<Self>, views: ClusterViews) -> [Pin<Box<dyn Future<Output = ()>>>; 3] {
+        let (a, b, c) = (Rc::clone(&self), Rc::clone(&self), self);
+        [
+            Box::pin(follow_one(views.ring, move |ring: &Ring| {
+                *a.ring.borrow_mut() = Rc::new(ring.clone())
+            })),
+            Box::pin(follow_one(views.health, move |health: &Health| {
+                *b.health.borrow_mut() = Rc::new(health.clone())
+            })),
+            Box::pin(follow_one(views.syncing, move |syncing: &BucketSet| {
+                *c.syncing.borrow_mut() = Rc::new(syncing.clone())
+            })),
+        ]
+    }
+
     pub fn ring(&self) -> Rc<Ring> {
         Rc::clone(&self.ring.borrow())
     }
@@ -91,9 +171,7 @@ impl Coordinator {
     /// `syncing` for this node's own answer in a request it coordinates: the ring it planned
     /// with put it among the key's replicas, so only the bucket is left to check.
     fn bucket_syncing(&self, key: &[u8]) -> bool {
-        self.syncing
-            .borrow()
-            .contains(crate::cluster::ring::bucket_of(key))
+        self.syncing.borrow().contains(bucket_of(key))
     }
 
     /// True when this node is the key's only replica: the request needs no coordination and is
@@ -110,7 +188,6 @@ impl Coordinator {
             shard,
             command,
             deadline,
-            level: Level::One,
         })
     }
 
@@ -282,13 +359,16 @@ impl Coordinator {
     }
 
     /// Serves a client Get, Set or Delete.
-    pub async fn coordinate(self: Rc<Self>, req: Request) -> Response {
-        let Request {
-            shard,
-            command,
-            deadline,
+    pub async fn coordinate(self: Rc<Self>, routed: Routed) -> Response {
+        let Routed {
+            request:
+                Request {
+                    shard,
+                    command,
+                    deadline,
+                },
             level,
-        } = req;
+        } = routed;
         match command {
             Command::Set {
                 key,

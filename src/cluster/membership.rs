@@ -183,7 +183,7 @@ impl MemberTable {
     }
 
     /// The members that are not ALIVE, as the cores rank replicas by it (one that left is DOWN).
-    pub fn health(&self) -> super::snitch::Health {
+    pub fn health(&self) -> Health {
         self.members
             .iter()
             .filter(|(_, m)| m.left || m.state != MemberState::Alive)
@@ -211,6 +211,14 @@ pub struct MembershipView {
 }
 
 pub type SharedView = Arc<Mutex<MembershipView>>;
+
+/// The failure detector's view as a core holds it: members that are not ALIVE (absent = ALIVE).
+pub type Health = std::collections::BTreeMap<String, MemberState>;
+
+/// The state of `addr` in `health`.
+pub fn state_of(health: &Health, addr: &str) -> MemberState {
+    health.get(addr).copied().unwrap_or(MemberState::Alive)
+}
 
 /// Commands to the membership task.
 pub enum MembershipCmd {
@@ -313,9 +321,9 @@ pub async fn start(
     view: SharedView,
     mut commands: mpsc::UnboundedReceiver<MembershipCmd>,
     on_ring: impl Fn(Ring) + Send + 'static,
-    on_health: impl Fn(super::snitch::Health) + Send + 'static,
+    on_health: impl Fn(Health) + Send + 'static,
 ) {
-    let mut last_health = super::snitch::Health::new();
+    let mut last_health = Health::new();
     let mut tell_health = move |view: &SharedView| {
         let health = view
             .lock()

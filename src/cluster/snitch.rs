@@ -2,26 +2,14 @@
 //! snitch and adaptive speculative retry, as Cassandra and Scylla have them. Each core keeps
 //! its own [`PeerLatency`] per peer (plain data beside its peer connections: no lock, no
 //! sharing) fed by every call it makes, and its own copy of the failure detector's verdicts
-//! ([`Health`], sent by the side thread on every change). Pure: callers pass `now`.
+//! ([`super::membership::Health`], published by the control plane on every change). Pure: callers pass `now`.
 //!
 //! A peer that stops answering gives no latency samples, so a score made of samples alone
 //! would keep sending reads to a dead replica until its calls time out. The score therefore
 //! also counts how long a peer with calls outstanding has been silent: a replica cut off a
 //! millisecond ago already ranks behind one that answers in half that.
 
-use super::membership::MemberState;
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
-
-/// The failure detector's view as a core holds it: members that are not ALIVE (absent = ALIVE).
-pub type Health = BTreeMap<String, MemberState>;
-
-/// The state of `addr` in `health`.
-pub fn state_of(health: &Health, addr: &str) -> MemberState {
-    health.get(addr).copied().unwrap_or(MemberState::Alive)
-}
+use std::time::{Duration, Instant};
 
 /// SPECULATIVE_RETRY: when a read that is still waiting for a replica asks one more.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -2,7 +2,7 @@
 //! back. Plain data, `Send`, free of prost types; keys and values move, never copied.
 
 use super::hlc::Version;
-use crate::{cluster::replication::Level, error::Error, routing::ShardId};
+use crate::{error::Error, routing::ShardId};
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -50,7 +50,6 @@ pub struct Request {
     /// Past this instant the client has given up: the core answers DEADLINE_EXCEEDED and does
     /// not execute the command.
     pub deadline: Instant,
-    pub level: Level,
 }
 
 #[derive(Debug, PartialEq, Eq)]

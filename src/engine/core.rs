@@ -9,13 +9,14 @@ use super::{
     shard::{expiry_tick, expiry_tick_ms, remaining_ms, Shard, ShardStats, Tick, TICKS_PER_SEC},
 };
 use crate::{
-    cluster::ring::{BucketSet, BUCKETS},
     error::Error,
     routing,
+    routing::buckets::{BucketSet, BUCKETS},
 };
 use std::{
     cell::{Cell, RefCell},
     panic::AssertUnwindSafe,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -211,6 +212,24 @@ impl CoreEngine {
             .sum()
     }
 
+    /// Active expiry, every SWEEP_INTERVAL, forever. Runs as one of the core's background
+    /// tasks.
+    pub async fn sweep_forever(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(SWEEP_INTERVAL).await;
+            // Keep going while rounds find much to reclaim, yielding between rounds so
+            // requests are not held up.
+            for _ in 0..16 {
+                let shards = self.nr_local_shards().max(1);
+                let expired = self.sweep(SWEEP_BUDGET);
+                if expired * 4 < SWEEP_BUDGET * shards {
+                    break;
+                }
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+
     /// Totals over this core's shards.
     pub fn stats(&self) -> ShardStats {
         self.shards
@@ -303,7 +322,6 @@ impl CoreEngine {
                         shard,
                         command: Command::Apply(entry),
                         deadline: far,
-                        level: crate::cluster::replication::Level::One,
                     }),
                     Ok(Reply::Applied { applied: true, .. })
                 )
@@ -335,11 +353,11 @@ impl CoreEngine {
 const SCAN_CHUNK_SLOTS: usize = 16_384;
 
 /// How often each core runs an active-expiry round.
-pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Slots examined per shard per round. A round that finds more than a quarter expired runs
 /// again at once (as Redis's active expiry does), so a mass expiry is reclaimed quickly while
 /// a single round stays in the tens of microseconds.
-pub const SWEEP_BUDGET: usize = 512;
+const SWEEP_BUDGET: usize = 512;
 
 #[cfg(test)]
 mod tests {
@@ -428,7 +446,6 @@ mod tests {
             shard: shard_of(key.as_bytes(), 1),
             command,
             deadline: Instant::now() + Duration::from_secs(5),
-            level: crate::cluster::replication::Level::Quorum,
         }
     }
 

@@ -19,7 +19,7 @@ use super::{
     hlc::Version,
     slab::Slab,
 };
-use crate::cluster::ring::{bucket_of, bucket_of_position, key_position, BucketSet, BUCKETS};
+use crate::routing::buckets::{bucket_of, bucket_of_position, key_position, BucketSet, BUCKETS};
 use hashbrown::HashTable;
 
 /// Time as the shard sees it: tenths of a second since the node started. 32 bits last 13

@@ -1,13 +1,16 @@
-//! Starting and stopping a node: prerequisites, the cores, the side thread, and the signal
+//! Starting and stopping a node: prerequisites, the cores, the control plane, and the signal
 //! handling around them. Runs on the main thread, which only waits once the cores are up.
+//!
+//! - [`core`]: what one core runs, from start to stop.
 
+pub mod core;
+
+use self::core::{per_core, CoreSetup};
 use crate::{
+    cluster::{coordinator::cluster_views, ring::Ring},
     config::Config,
-    ingress::{
-        self,
-        side::{ClusterSettings, SideThread},
-        CoreSetup,
-    },
+    control::{self, cores::Cores, ControlPlane},
+    ingress,
 };
 use anyhow::Context as _;
 use executors::{allowed_cores, check_prerequisites, ExecutorOptions, Mesh};
@@ -16,6 +19,10 @@ use std::{
     sync::{atomic::AtomicUsize, Arc},
     time::{Duration, Instant},
 };
+
+/// Questions the control plane may have queued on one core: a scrape, an anti-entropy step,
+/// a few forwarded calls at once; more wait for room.
+const CONTROL_QUEUE_DEPTH: usize = 64;
 
 /// Shards the node will run: NUM_SHARDS, raised to the core count when lower, because a core
 /// without a shard would only forward, adding a hop to every request it accepts.
@@ -43,10 +50,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    // Before the side thread: NodeService.Layout tells the port to peers and clients.
+    // Before the control plane: NodeService.Layout tells the port to peers and clients.
     let (shard_port, shard_listeners) = match config.shard_port {
         None => (0, Vec::new()),
-        Some(port) => match ingress::steer::listen(config.listen_addr, port, nr_cores) {
+        Some(port) => match crate::routing::steer::listen(config.listen_addr, port, nr_cores) {
             Ok(listening) => listening,
             Err(e) if port == 0 => {
                 tracing::warn!(error = %e, "no shard-aware port: peers reach this node's cores with one hop");
@@ -55,10 +62,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Err(e) => anyhow::bail!("cannot listen on SHARD_PORT {port}: {e}"),
         },
     };
-    let (side, control_receivers) = SideThread::start(
-        nr_cores,
-        config.metrics_addr,
-        ClusterSettings {
+    let (view_publishers, views) = cluster_views(Ring::new(
+        [config.addr.clone()],
+        config.vnodes,
+        config.replication_factor,
+    ));
+    let (sharded, inboxes) = executors::sharded(nr_cores, CONTROL_QUEUE_DEPTH);
+    let (forwarder, forwarded) = ingress::forwarder();
+    let control = ControlPlane::start(
+        control::Settings {
             me: config.addr.clone(),
             bind: config.listen_addr,
             seeds: config.peers.clone(),
@@ -68,17 +80,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             write_quorum: config.write_quorum,
             read_quorum: config.read_quorum,
             num_shards,
+            nr_cores,
             shard_port,
             anti_entropy_interval: config.anti_entropy_interval,
             transition: config.transition(),
+            metrics_addr: config.metrics_addr,
         },
+        Cores {
+            sharded,
+            num_shards,
+        },
+        forwarded,
+        view_publishers,
     )?;
-    let control = Arc::new(
-        control_receivers
-            .into_iter()
-            .map(|r| std::sync::Mutex::new(Some(r)))
-            .collect::<Vec<_>>(),
-    );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let limiter = config.rate_limit.map(|per_sec| {
@@ -92,25 +106,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         node_id: (xxhash_rust::xxh3::xxh3_64(config.addr.as_bytes()) >> 32) as u32,
         epoch: Instant::now(),
         mesh: Mesh::new(nr_cores, config.queue_depth),
-        side: side.handle.clone(),
+        forwarder,
         limiter,
         shutdown: shutdown_rx,
         ready: ready_tx,
         drained: Arc::new(AtomicUsize::new(0)),
-        control,
-        shard_listeners: Arc::new(
-            shard_listeners
-                .into_iter()
-                .map(|fd| std::sync::Mutex::new(Some(fd)))
-                .collect(),
-        ),
+        inboxes: per_core(inboxes),
+        views,
+        shard_listeners: per_core(shard_listeners),
     };
     let options = ExecutorOptions {
         spin_before_park: config.spin_before_park,
         ..ExecutorOptions::default()
     };
     let executors = executors::start(&cpus, &options, move |_core| {
-        ingress::run_core(setup.clone())
+        self::core::run_core(setup.clone())
     })?;
 
     let mut failure = None;
@@ -124,7 +134,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(reason) = failure {
         let _ = shutdown_tx.send(true);
         executors.join();
-        side.stop();
+        control.stop();
         anyhow::bail!(reason);
     }
     tracing::info!(
@@ -143,10 +153,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let first = signals.forever().next();
     tracing::info!(signal = ?first, "shutting down: leaving the cluster, then draining");
     // Peers first stop routing here, then the node drains what is in flight.
-    side.leave(Duration::from_secs(2));
+    control.leave(Duration::from_secs(2));
     // What this node holds goes to the nodes taking over before it stops serving.
-    side.hand_off_all(config.shutdown_timeout);
-    side.set_not_serving();
+    control.hand_off_all(config.shutdown_timeout);
+    control.set_not_serving();
     let _ = shutdown_tx.send(true);
     std::thread::Builder::new()
         .name("second-signal".into())
@@ -171,7 +181,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Err(_) => panicked = true,
         }
     }
-    side.stop();
+    control.stop();
     if panicked {
         anyhow::bail!("a core panicked during shutdown");
     }

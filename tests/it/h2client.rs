@@ -4,7 +4,7 @@
 //! tonic-health on tokio), from a glommio executor as the node's cores would make them.
 
 use crate::support::{free_port, on_glommio, Node};
-use distributed_cache::ingress::grpc::client::{unary, RECURRING};
+use distributed_cache::cluster::peer::unary::{unary, RECURRING};
 use distributed_cache::pb::{
     get_response, set_request, GetRequest, GetResponse, SetRequest, SetResponse,
 };

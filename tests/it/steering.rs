@@ -1,4 +1,4 @@
-//! The shard-aware port (ingress/steer.rs) on real nodes: a connection from a chosen source
+//! The shard-aware port (routing/steer.rs) on real nodes: a connection from a chosen source
 //! port is served by the core it names; replica calls land on the core that owns their key,
 //! peers with another NUM_SHARDS included; and a replica request that reaches a core not
 //! owning its key is still served, with one hop, and counted.
@@ -6,15 +6,12 @@
 use crate::cluster::{cluster, set};
 use crate::support::{on_glommio, Node};
 use distributed_cache::{
-    ingress::{
-        grpc::client::{unary, RECURRING},
-        steer,
-    },
+    cluster::peer::unary::{unary, RECURRING},
     pb::{
         node_service_client::NodeServiceClient, GetRequest, LayoutReply, LayoutRequest, ReplicaAck,
         ReplicaWrite, StatsRequest, StatsResponse,
     },
-    routing::{owner_core, shard_of},
+    routing::{owner_core, shard_of, steer},
 };
 use http2::client::Client;
 use std::{net::SocketAddr, time::Duration};

@@ -1,24 +1,22 @@
 //! Node-to-node calls from a core: each core keeps its own HTTP/2 connection to each peer
 //! (the `http2` crate's client on the core's executor, gRPC framing from
-//! `ingress::grpc::client`), so no connection pool is shared between cores and nothing locks.
+//! [`unary`]), so no connection pool is shared between cores and nothing locks.
 //! A broken connection is dropped and the next call dials again.
 //!
 //! Replica calls go core to core: a core learns each peer's layout once (NodeService.Layout:
 //! its cores, its NUM_SHARDS, its shard-aware port) and calls the replica of a key on a
-//! connection that lands on the peer's core owning that key (ingress/steer.rs), so the
+//! connection that lands on the peer's core owning that key (routing/steer.rs), so the
 //! replica serves it where it arrives. Peers may have other core counts: each is routed by its
 //! own map. Until the layout is known, or for a peer without a shard-aware port, calls go to
 //! its ADDR and the core they land on makes one hop.
 
+pub mod unary;
+
 use super::snitch::{CallEnd, PeerLatency, SpeculativeRetry};
 use crate::{
-    engine::{command::ReplicaEntry, hlc::Version},
-    ingress::{
-        grpc::client::{unary, RECURRING},
-        steer,
-    },
+    engine::command::ReplicaEntry,
     pb,
-    routing::{owner_core, shard_of},
+    routing::{owner_core, shard_of, steer},
 };
 use futures_lite::future;
 use http2::client::{Client, Meter};
@@ -30,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tonic::Status;
+use unary::{unary, RECURRING};
 
 /// The largest answer a peer may send (an entry with its value): peers are trusted to answer
 /// what was asked, this only keeps a broken one from filling memory.
@@ -429,7 +428,7 @@ impl PeerClients {
         entry: &ReplicaEntry,
         deadline: Instant,
     ) -> Result<(bool, bool), Status> {
-        let msg = super::antientropy::entry_to_pb(entry);
+        let msg = crate::wire::entry_to_pb(entry);
         let ack: pb::ReplicaAck = self
             .unary(
                 addr,
@@ -454,16 +453,6 @@ impl PeerClients {
         let e: pb::ReplicaEntry = self
             .unary(addr, Some(key), "/pb.PeerService/Read", msg, deadline)
             .await?;
-        let entry = e.found.then(|| ReplicaEntry {
-            key: key.to_vec(),
-            value: e.value,
-            version: Version {
-                hlc: e.hlc,
-                node: e.node,
-            },
-            ttl_ms: e.ttl_ms,
-            flags: e.flags as u8,
-        });
-        Ok((entry, e.syncing))
+        Ok(crate::wire::read_reply_from_pb(key, e))
     }
 }

@@ -8,12 +8,11 @@
 //! [`client`] is the other direction: unary calls to another node over the `http2` crate's
 //! client.
 
-pub mod client;
 pub mod server;
 
 use super::CoreCtx;
 use crate::{
-    cluster::replication::Level,
+    cluster::coordinator::{Level, Routed},
     engine::command::{Command, Reply, Request, Response},
     error::Error,
     observability::metrics::Cmd,
@@ -275,10 +274,12 @@ impl CoreCtx {
         level: Level,
     ) -> Response {
         let owner = owner_core(shard, self.router.nr_cores());
-        let req = Request {
-            shard,
-            command,
-            deadline,
+        let req = Routed {
+            request: Request {
+                shard,
+                command,
+                deadline,
+            },
             level,
         };
         if owner == self.router.core() {
@@ -312,7 +313,7 @@ async fn replica_write(
     m: pb::ReplicaWrite,
     deadline: Instant,
 ) -> Result<pb::ReplicaAck, Error> {
-    let entry = crate::cluster::antientropy::entry_from_pb(m);
+    let entry = crate::wire::entry_from_pb(m);
     let syncing = ctx.coordinator.syncing(&entry.key);
     let shard = ctx.shard(&entry.key);
     ctx.count_replica_hop(shard);
@@ -344,19 +345,7 @@ async fn replica_read(
         .route(shard, Command::Read { key }, deadline, Level::One)
         .await?
     {
-        Reply::Entry(Some(e)) => Ok(pb::ReplicaEntry {
-            found: true,
-            value: e.value,
-            hlc: e.version.hlc,
-            node: e.version.node,
-            ttl_ms: e.ttl_ms,
-            flags: e.flags as u32,
-            syncing,
-        }),
-        Reply::Entry(None) => Ok(pb::ReplicaEntry {
-            syncing,
-            ..Default::default()
-        }),
+        Reply::Entry(entry) => Ok(crate::wire::read_reply_to_pb(entry, syncing)),
         _ => Err(Error::Internal("unexpected reply to a replica read".into())),
     }
 }

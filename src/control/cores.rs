@@ -1,0 +1,196 @@
+//! The control plane's questions to the cores, asked through `executors`' sharded API: one
+//! core (entries go to the core that owns their shard) or every core (figures, digests, key
+//! lists), each with a deadline. The answers are computed on the cores, as background tasks;
+//! this side only waits for them.
+
+use crate::{
+    cluster::antientropy::LocalReplica,
+    engine::{
+        command::ReplicaEntry,
+        core::{KeyVersion, Leaves},
+    },
+    ingress::{grpc::server::Event, CoreCtx},
+    observability::metrics::CoreSnapshot,
+    routing::{buckets::BucketSet, owner_core, shard_of, ShardId},
+};
+use executors::{Sharded, Unanswered};
+use std::{
+    future::Future,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+/// How long a scrape waits for a core's figures: a core that does not answer in time is left
+/// out of that scrape rather than stall it.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long anti-entropy and data movement wait for a core (a list or a drop scans all of a
+/// core's entries, yielding to requests as it goes).
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node's cores, as the control plane asks them. `Send`, cheap to clone.
+#[derive(Clone)]
+pub struct Cores {
+    pub sharded: Sharded<CoreCtx>,
+    pub num_shards: u32,
+}
+
+impl Cores {
+    /// The figures of every core that answered within SNAPSHOT_TIMEOUT, in core order.
+    pub async fn snapshots(&self) -> Vec<CoreSnapshot> {
+        self.sharded
+            .invoke_on_all(SNAPSHOT_TIMEOUT, |ctx| async move { snapshot(&ctx) })
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// `items` grouped by the core that owns their key's shard, with the shard.
+    fn by_core<T>(&self, items: Vec<T>, key: impl Fn(&T) -> &[u8]) -> Vec<Vec<(ShardId, T)>> {
+        let nr_cores = self.sharded.nr_cores();
+        let mut per_core: Vec<Vec<_>> = (0..nr_cores).map(|_| Vec::new()).collect();
+        for item in items {
+            let shard = shard_of(key(&item), self.num_shards);
+            per_core[owner_core(shard, nr_cores)].push((shard, item));
+        }
+        per_core
+    }
+
+    /// Sends each core its share of `items` at once and gathers the answers; fails when a
+    /// core with a share does not answer.
+    async fn each_core<T, R, F, Fut>(
+        &self,
+        items: Vec<T>,
+        key: impl Fn(&T) -> &[u8],
+        f: F,
+    ) -> Result<Vec<R>, Unanswered>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: Fn(Rc<CoreCtx>, Vec<(ShardId, T)>) -> Fut + Send + Clone + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        let deadline = Instant::now() + SCAN_TIMEOUT;
+        let mut pending = Vec::new();
+        for (core, share) in self.by_core(items, key).into_iter().enumerate() {
+            if share.is_empty() {
+                continue;
+            }
+            let f = f.clone();
+            pending.push(
+                self.sharded
+                    .send(core, deadline, move |ctx| f(ctx, share))
+                    .await,
+            );
+        }
+        let mut answers = Vec::with_capacity(pending.len());
+        for p in pending {
+            answers.push(p.answer().await?);
+        }
+        Ok(answers)
+    }
+}
+
+impl LocalReplica for Cores {
+    async fn digests(&self) -> Result<Leaves, Unanswered> {
+        self.sharded
+            .map_reduce(
+                SCAN_TIMEOUT,
+                |ctx| async move { ctx.engine.digests() },
+                Leaves::default(),
+                |mut all, core| {
+                    all.add(&core.digests, &core.counts);
+                    all
+                },
+            )
+            .await
+    }
+
+    async fn list(&self, buckets: &BucketSet) -> Result<Vec<KeyVersion>, Unanswered> {
+        let buckets = Arc::new(buckets.clone());
+        self.sharded
+            .map_reduce(
+                SCAN_TIMEOUT,
+                move |ctx| {
+                    let buckets = Arc::clone(&buckets);
+                    async move { ctx.engine.list(&buckets).await }
+                },
+                Vec::new(),
+                |mut all, core| {
+                    all.extend(core);
+                    all
+                },
+            )
+            .await
+    }
+
+    async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<ReplicaEntry>, Unanswered> {
+        let per_core = self
+            .each_core(
+                keys,
+                |k| k,
+                |ctx, keys| async move { ctx.engine.fetch(&keys) },
+            )
+            .await?;
+        Ok(per_core.into_iter().flatten().collect())
+    }
+
+    async fn apply(&self, entries: Vec<ReplicaEntry>) -> Result<usize, Unanswered> {
+        let per_core = self
+            .each_core(
+                entries,
+                |e| &e.key,
+                |ctx, entries| async move { ctx.engine.apply_all(entries) },
+            )
+            .await?;
+        Ok(per_core.into_iter().sum())
+    }
+
+    async fn drop_buckets(&self, buckets: &BucketSet) -> Result<usize, Unanswered> {
+        let buckets = Arc::new(buckets.clone());
+        self.sharded
+            .map_reduce(
+                SCAN_TIMEOUT,
+                move |ctx| {
+                    let buckets = Arc::clone(&buckets);
+                    async move { ctx.engine.drop_buckets(&buckets).await }
+                },
+                0,
+                |all, core| all + core,
+            )
+            .await
+    }
+}
+
+/// A core's figures, taken on the core.
+fn snapshot(ctx: &CoreCtx) -> CoreSnapshot {
+    let router = &ctx.router;
+    let in_flight = (0..router.nr_cores())
+        .filter(|&c| c != router.core())
+        .map(|c| router.in_flight(c) as u64)
+        .sum();
+    let coordinator = &ctx.coordinator;
+    let mut snapshot = ctx.metrics.snapshot(
+        router.core(),
+        in_flight,
+        ctx.engine.stats(),
+        ctx.engine.panics(),
+    );
+    snapshot.replica_calls = coordinator.peers.outcome_counts();
+    snapshot.peer_bytes = coordinator.peers.bytes();
+    snapshot.read_repairs = coordinator.read_repairs.get();
+    snapshot.speculative_retries = coordinator.speculative_retries.get();
+    snapshot.write_backs = coordinator.write_backs.get();
+    snapshot.skipped_down = coordinator.skipped_down.get();
+    snapshot.peer_scores = coordinator.peers.latency_scores(coordinator.speculative);
+    snapshot.hints = coordinator.hints.counts();
+    snapshot.http2_events = Event::ALL
+        .iter()
+        .zip(&ctx.http2_events)
+        .map(|(e, n)| (e.name(), n.get()))
+        .collect();
+    snapshot.connections_shed = ctx.connections_shed.get();
+    snapshot.reply_bytes = ctx.reply_bytes.get() as u64;
+    snapshot
+}
