@@ -1,0 +1,313 @@
+//! Unit tests of `shard`.
+
+use super::*;
+use crate::engine::entry::entry_len;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn v(n: u64) -> Version {
+    Version { hlc: n, node: 1 }
+}
+
+fn get(s: &mut Shard, k: &str, now: Tick) -> Option<Vec<u8>> {
+    s.get(k.as_bytes(), now).map(|f| f.value.to_vec())
+}
+
+#[test]
+fn set_get_delete() {
+    let mut s = Shard::new(10);
+    s.set(b"a", b"1", v(1), 0, 0);
+    assert_eq!(get(&mut s, "a", 0).as_deref(), Some(&b"1"[..]));
+    assert_eq!(s.get(b"a", 0).unwrap().version, v(1));
+    s.set(b"a", b"22", v(2), 0, 0);
+    assert_eq!(get(&mut s, "a", 0).as_deref(), Some(&b"22"[..]));
+    assert_eq!(s.len(), 1);
+    assert!(s.delete(b"a", 0));
+    assert!(!s.delete(b"a", 0));
+    assert_eq!(get(&mut s, "a", 0), None);
+    assert_eq!(s.stats().bytes, 0);
+}
+
+#[test]
+fn clock_gives_used_entries_a_second_chance() {
+    let mut s = Shard::new(3);
+    s.set(b"a", b"1", v(1), 0, 0);
+    s.set(b"b", b"2", v(2), 0, 0);
+    s.set(b"c", b"3", v(3), 0, 0);
+    // Reading "a" spares it: "b" is the oldest entry not used since.
+    assert!(s.get(b"a", 0).is_some());
+    s.set(b"d", b"4", v(4), 0, 0);
+    assert_eq!(s.len(), 3);
+    assert_eq!(get(&mut s, "b", 0), None, "b was not used");
+    assert_eq!(s.stats().evictions, 1);
+    // The hand cleared "a"'s bit on its way; a new read and an overwrite mark "a" and "c"
+    // used again, so the next eviction takes "d", set once and never read.
+    assert!(get(&mut s, "a", 0).is_some());
+    s.set(b"c", b"33", v(5), 0, 0);
+    s.set(b"e", b"5", v(6), 0, 0);
+    assert_eq!(get(&mut s, "d", 0), None);
+    for k in ["a", "c", "e"] {
+        assert!(get(&mut s, k, 0).is_some(), "{k} kept");
+    }
+}
+
+#[test]
+fn hot_keys_survive_a_stream_of_keys_set_once() {
+    let mut s = Shard::new(100);
+    for i in 0..100u64 {
+        s.set(format!("k{i}").as_bytes(), b"v", v(i), 0, 0);
+    }
+    for i in 0..5_000u64 {
+        for h in 0..10 {
+            assert!(
+                get(&mut s, &format!("k{h}"), 0).is_some(),
+                "hot k{h} at {i}"
+            );
+        }
+        s.set(format!("cold{i}").as_bytes(), b"v", v(i), 0, 0);
+    }
+    assert_eq!(s.len(), 100);
+    assert_eq!(s.stats().evictions, 5_000);
+}
+
+#[test]
+fn an_eviction_clears_a_bounded_number_of_bits() {
+    let n = MAX_CLEARS * 3;
+    let mut s = Shard::new(n);
+    for i in 0..n {
+        s.set(format!("k{i}").as_bytes(), b"v", v(1), 0, 0);
+    }
+    for i in 0..n {
+        assert!(get(&mut s, &format!("k{i}"), 0).is_some());
+    }
+    let bits = |s: &Shard| -> usize { s.referenced.iter().map(|w| w.count_ones() as usize).sum() };
+    assert_eq!(bits(&s), n);
+    s.set(b"new", b"v", v(2), 0, 0);
+    assert_eq!(s.len(), n);
+    // MAX_CLEARS second chances, then the entry under the hand went, bit and all.
+    assert_eq!(bits(&s), n - MAX_CLEARS - 1);
+}
+
+#[test]
+fn capacity_is_never_exceeded() {
+    let mut s = Shard::new(100);
+    for i in 0..1000u64 {
+        s.set(format!("k{i}").as_bytes(), b"v", v(i), 0, 0);
+        assert!(s.len() <= 100);
+    }
+    assert_eq!(s.len(), 100);
+    assert_eq!(s.stats().evictions, 900);
+    // Nothing was read: CLOCK evicts in insertion order, so the survivors are the 100 most
+    // recent.
+    for i in 900..1000 {
+        assert!(get(&mut s, &format!("k{i}"), 0).is_some());
+    }
+}
+
+#[test]
+fn memory_follows_a_change_of_value_sizes() {
+    let mut s = Shard::new(10_000);
+    for i in 0..10_000u64 {
+        s.set(format!("k{i}").as_bytes(), &[1; 100], v(1), 0, 0);
+    }
+    let small = s.slab.pages_in_use();
+    for i in 0..10_000u64 {
+        s.set(format!("k{i}").as_bytes(), &[2; 300], v(2), 0, 0);
+    }
+    // Every page of the 100-byte class emptied and went back to serve the 300-byte one:
+    // what is held is what 10,000 entries of the new size need, not both sizes.
+    let large = s.slab.pages_in_use();
+    let needed = (10_000 * Slab::cell_size(entry_len(6, 300)).unwrap()).div_ceil(64 * 1024);
+    assert!(
+        large <= needed + 1,
+        "{large} pages for {needed} needed ({small} before)"
+    );
+    assert!(get(&mut s, "k42", 0).is_some_and(|v| v == [2; 300]));
+}
+
+#[test]
+fn ttl_expires_without_sleeping() {
+    let mut s = Shard::new(10);
+    let now = 100;
+    s.set(b"t", b"x", v(1), expiry_tick(now, Some(2)), 0);
+    assert!(
+        get(&mut s, "t", now + 20).is_some(),
+        "alive for the full 2 s"
+    );
+    assert!(get(&mut s, "t", now + 21).is_none(), "gone just after");
+    assert_eq!(s.stats().expirations, 1);
+    assert_eq!(s.len(), 0);
+}
+
+#[test]
+fn no_ttl_never_expires() {
+    let mut s = Shard::new(10);
+    s.set(b"t", b"x", v(1), expiry_tick(0, None), 0);
+    s.set(b"z", b"x", v(1), expiry_tick(0, Some(0)), 0);
+    assert!(get(&mut s, "t", u32::MAX).is_some());
+    assert!(get(&mut s, "z", u32::MAX).is_some());
+}
+
+#[test]
+fn sweep_reclaims_unread_expired_entries_in_bounded_steps() {
+    let mut s = Shard::new(1000);
+    for i in 0..500u64 {
+        s.set(
+            format!("e{i}").as_bytes(),
+            b"v",
+            v(i),
+            expiry_tick(0, Some(1)),
+            0,
+        );
+    }
+    for i in 0..100u64 {
+        s.set(format!("p{i}").as_bytes(), b"v", v(i), 0, 0);
+    }
+    let (examined, expired) = s.sweep(11, 64);
+    assert_eq!(examined, 64);
+    assert!(expired <= 64);
+    let mut rounds = 1;
+    while s.len() > 100 {
+        s.sweep(11, 64);
+        rounds += 1;
+        assert!(rounds < 100);
+    }
+    assert_eq!(s.len(), 100);
+    assert_eq!(s.stats().expirations, 500);
+    // Freed slots are reused.
+    s.set(b"new", b"v", v(1), 0, 0);
+    assert_eq!(s.slots.len(), 600);
+}
+
+#[test]
+fn versions_are_kept() {
+    let mut s = Shard::new(4);
+    let ver = Version {
+        hlc: 42 << crate::engine::hlc::LOGICAL_BITS,
+        node: 7,
+    };
+    s.set(b"k", b"v", ver, 0, 1);
+    let f = s.get(b"k", 0).unwrap();
+    assert_eq!(f.version, ver);
+    assert_eq!(f.flags, 1);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(u8, u8),
+    Get(u8),
+    Del(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..20, any::<u8>()).prop_map(|(k, v)| Op::Set(k, v)),
+        (0u8..20).prop_map(Op::Get),
+        (0u8..20).prop_map(Op::Del),
+    ]
+}
+
+proptest! {
+    /// Against a reference model, a map: every read answers what was last set unless the
+    /// key was evicted, and an eviction takes exactly one other key, only when the shard is
+    /// full.
+    #[test]
+    fn behaves_like_a_map_that_evicts_one_key_when_full(
+        ops in proptest::collection::vec(op(), 1..400),
+        cap in 1usize..8,
+    ) {
+        let mut s = Shard::new(cap);
+        let mut model: HashMap<u8, u8> = HashMap::new();
+        for o in ops {
+            match o {
+                Op::Set(k, val) => {
+                    s.set(&[k], &[val], v(1), 0, 0);
+                    if !model.contains_key(&k) && model.len() == cap {
+                        let gone: Vec<u8> =
+                            model.keys().copied().filter(|&x| s.peek(&[x], 0).is_none()).collect();
+                        prop_assert_eq!(gone.len(), 1);
+                        model.remove(&gone[0]);
+                    }
+                    model.insert(k, val);
+                }
+                Op::Get(k) => {
+                    let got = s.get(&[k], 0).map(|f| f.value[0]);
+                    prop_assert_eq!(got, model.get(&k).copied());
+                }
+                Op::Del(k) => {
+                    prop_assert_eq!(s.delete(&[k], 0), model.remove(&k).is_some());
+                }
+            }
+            prop_assert_eq!(s.len(), model.len());
+            for (&k, &val) in &model {
+                prop_assert_eq!(s.peek(&[k], 0).map(|e| e.value()[0]), Some(val));
+            }
+        }
+    }
+
+    /// The incremental digests always equal digests computed from scratch over what the
+    /// shard holds, through overwrites, tombstones, evictions, expiry and drops.
+    #[test]
+    fn digests_match_a_recount(
+        ops in proptest::collection::vec((0u8..4, 0u8..16, 1u64..50, 0u32..3), 1..300),
+        cap in 1usize..10,
+    ) {
+        let mut s = Shard::new(cap);
+        for (i, (kind, k, hlc, ttl)) in ops.into_iter().enumerate() {
+            let key = [k, k ^ 0x5a];
+            let now = i as Tick;
+            match kind {
+                0 => s.set(&key, b"v", v(hlc), if ttl == 0 { 0 } else { now + ttl }, 0),
+                1 => {
+                    s.apply(&key, b"", v(hlc), now + 5, FLAG_TOMBSTONE, now);
+                }
+                2 => {
+                    s.delete(&key, now);
+                }
+                _ => {
+                    s.sweep(now, 4);
+                    if k == 0 {
+                        let mut b = BucketSet::default();
+                        b.insert(bucket_of(&key));
+                        s.drop_buckets(&b);
+                    }
+                }
+            }
+            let mut recount = vec![0u64; BUCKETS];
+            let mut counted = vec![0u32; BUCKETS];
+            for e in s.slots.iter().flatten() {
+                let b = bucket_of(e.key());
+                recount[b] ^= entry_digest(e.key(), e.version(), e.flags());
+                counted[b] += 1;
+            }
+            prop_assert!(recount.as_slice() == s.digest());
+            prop_assert!(counted.as_slice() == s.counts());
+        }
+    }
+}
+
+#[test]
+fn for_each_in_skips_expired_and_other_buckets_and_peek_does_not_touch() {
+    let mut s = Shard::new(10);
+    s.set(b"a", b"1", v(1), 0, 0);
+    s.set(b"b", b"2", v(1), 5, 0);
+    s.set(b"c", b"3", v(1), 0, FLAG_TOMBSTONE);
+    let mut seen = Vec::new();
+    s.for_each_in(&BucketSet::all(), 10, |e| seen.push(e.key().to_vec()));
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![b"a".to_vec(), b"c".to_vec()],
+        "b expired at tick 5"
+    );
+    let mut only_a = BucketSet::default();
+    only_a.insert(bucket_of(b"a"));
+    let mut seen = Vec::new();
+    s.for_each_in(&only_a, 0, |e| seen.push(e.key().to_vec()));
+    assert!(seen.contains(&b"a".to_vec()));
+    let a = s.find(s.hash(b"a"), b"a").unwrap();
+    assert!(!s.is_referenced(a));
+    assert_eq!(s.peek(b"a", 0).unwrap().value(), b"1");
+    assert!(!s.is_referenced(a), "peek leaves eviction order alone");
+    assert!(s.peek(b"b", 5).is_none());
+}
