@@ -1,8 +1,9 @@
 //! Coordinating a client request over the key's replicas, on the core that owns the key's
-//! shard on this node: the local replica is served in place, remote ones through this core's
-//! peer clients, all in parallel; [`super::replication`] decides when enough have answered.
-//! Calls still running when the decision is made finish in the background, so a write reaches
-//! every replica that is up, and a read repairs the stale replicas it saw.
+//! shard on this node: the driver of [`super::plan`]'s plans. The local replica is served in
+//! place, remote ones through the core's [`PeerTransport`], all in parallel; the plan decides
+//! whom to ask, when enough have answered, and who needs repair. Calls still running when the
+//! decision is made finish in the background, so a write reaches every replica that is up
+//! (and a replica that misses it gets a hint), and a read repairs the stale replicas it saw.
 
 pub use super::replication::Level;
 
@@ -10,16 +11,17 @@ use super::{
     hints::Hints,
     membership::{state_of, Health, MemberState},
     peer::PeerClients,
-    replication::{required, resolve, Outcome, Tally, Versioned},
+    plan::{late_answer_is_stale, Learned, ReadAnswer, ReadPlan, ReadStep, WriteAnswer, WritePlan},
     ring::Ring,
     snitch::SpeculativeRetry,
+    transport::PeerTransport,
+    views::{follow_one, ClusterViews},
 };
 use crate::{
     engine::{
         command::{Command, ReplicaEntry, Reply, Request, Response},
         core::CoreEngine,
         entry::{FLAG_BINARY, FLAG_TOMBSTONE},
-        hlc::Version,
     },
     error::Error,
     routing::{
@@ -34,24 +36,11 @@ use std::{
     future::Future,
     pin::Pin,
     rc::Rc,
-    sync::Arc,
     time::{Duration, Instant},
 };
-use tokio::sync::watch;
-
-/// How often a request waiting on replicas, with none left to ask, looks again at the failure
-/// detector's verdicts: a replica declared DOWN meanwhile fails the wait well before the
-/// client's deadline.
-const HEALTH_RECHECK: Duration = Duration::from_millis(100);
 
 /// How long a read keeps listening for late replicas and repairing them.
 const REPAIR_WINDOW: Duration = Duration::from_secs(2);
-
-impl Versioned for ReplicaEntry {
-    fn version(&self) -> Version {
-        self.version
-    }
-}
 
 /// A request on its way to the core that owns its key: the engine's request, and the
 /// consistency level the client asked for (the coordinator's business, not the engine's;
@@ -62,58 +51,14 @@ pub struct Routed {
     pub level: Level,
 }
 
-/// What the control plane publishes to every core: the latest ring, the failure detector's
-/// verdicts and the buckets this node is still receiving. A watch keeps only the latest of
-/// each, which is all a core needs; each core follows them into copies of its own, so the
-/// request path reads them without a lock.
-#[derive(Clone)]
-pub struct ClusterViews {
-    pub ring: watch::Receiver<Arc<Ring>>,
-    pub health: watch::Receiver<Arc<Health>>,
-    pub syncing: watch::Receiver<Arc<BucketSet>>,
-}
-
-/// The control plane's side of [`ClusterViews`].
-pub struct ViewPublishers {
-    pub ring: watch::Sender<Arc<Ring>>,
-    pub health: watch::Sender<Arc<Health>>,
-    pub syncing: watch::Sender<Arc<BucketSet>>,
-}
-
-/// Views for a node that knows only itself: a ring of one, no verdicts, nothing syncing.
-pub fn cluster_views(first_ring: Ring) -> (ViewPublishers, ClusterViews) {
-    let (ring_tx, ring) = watch::channel(Arc::new(first_ring));
-    let (health_tx, health) = watch::channel(Arc::new(Health::default()));
-    let (syncing_tx, syncing) = watch::channel(Arc::new(BucketSet::default()));
-    (
-        ViewPublishers {
-            ring: ring_tx,
-            health: health_tx,
-            syncing: syncing_tx,
-        },
-        ClusterViews {
-            ring,
-            health,
-            syncing,
-        },
-    )
-}
-
-/// Copies each new value of `rx` into this core with `apply`, until the publisher is gone.
-async fn follow_one<T>(mut rx: watch::Receiver<Arc<T>>, apply: impl Fn(&T)) {
-    while rx.changed().await.is_ok() {
-        let latest = Arc::clone(&rx.borrow_and_update());
-        apply(&latest);
-    }
-}
-
 /// What a core needs to coordinate.
-pub struct Coordinator {
+/// Generic over the transport so that tests can drive it with an in-memory one.
+pub struct Coordinator<P = PeerClients> {
     pub engine: Rc<CoreEngine>,
-    pub peers: Rc<PeerClients>,
+    pub peers: Rc<P>,
     /// This node's address, as the ring names it.
     pub me: String,
-    /// This core's copy of the ring, replaced by message on membership change.
+    /// This core's copy of the ring, replaced when the control plane publishes a new one.
     pub ring: RefCell<Rc<Ring>>,
     pub write_quorum: usize,
     pub read_quorum: usize,
@@ -122,9 +67,9 @@ pub struct Coordinator {
     pub read_repairs: std::cell::Cell<u64>,
     /// Writes that replicas missed, kept for when they answer again.
     pub hints: Rc<Hints>,
-    /// Buckets this node is still receiving (from the side thread's anti-entropy).
+    /// Buckets this node is still receiving (from the control plane's anti-entropy).
     pub syncing: RefCell<Rc<BucketSet>>,
-    /// The failure detector's verdicts, replaced by message on every change.
+    /// The failure detector's verdicts, replaced on every change.
     pub health: RefCell<Rc<Health>>,
     /// SPECULATIVE_RETRY.
     pub speculative: SpeculativeRetry,
@@ -136,7 +81,7 @@ pub struct Coordinator {
     pub skipped_down: Cell<u64>,
 }
 
-impl Coordinator {
+impl<P: PeerTransport> Coordinator<P> {
     /// The tasks that keep this core's copies of the cluster views current; the core spawns
     /// them.
     pub fn follow(self: Rc<Self>, views: ClusterViews) -> [Pin<Box<dyn Future<Output = ()>>>; 3] {
@@ -191,15 +136,21 @@ impl Coordinator {
         })
     }
 
+    fn is_down(&self, addr: &str) -> bool {
+        state_of(&self.health.borrow(), addr) == MemberState::Down
+    }
+
     /// The key's replicas, this node first when it is one, then the others by health and
     /// recent latency (the fastest first; SUSPECT ones last), with the DOWN ones left out:
     /// (the live ones in asking order, the DOWN ones).
-    fn rank(&self, ring: &Ring, key: &[u8], health: &Health) -> (Vec<String>, Vec<String>) {
+    fn rank(&self, key: &[u8]) -> (Vec<String>, Vec<String>) {
+        let ring = self.ring();
+        let health = Rc::clone(&self.health.borrow());
         let now = Instant::now();
         let mut live: Vec<(bool, f64, String)> = Vec::with_capacity(ring.replication_factor());
         let mut down = Vec::new();
         for addr in ring.replicas(key) {
-            match state_of(health, addr) {
+            match state_of(&health, addr) {
                 _ if addr == self.me => live.push((false, f64::MIN, addr.to_string())),
                 MemberState::Down => down.push(addr.to_string()),
                 state => live.push((
@@ -210,57 +161,14 @@ impl Coordinator {
             }
         }
         live.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        self.skipped_down
+            .set(self.skipped_down.get() + down.len() as u64);
         (live.into_iter().map(|(_, _, a)| a).collect(), down)
     }
 
-    fn health(&self) -> Rc<Health> {
-        Rc::clone(&self.health.borrow())
-    }
-
-    /// The replicas of `key` to ask, live ones in asking order (see `rank`), the DOWN ones,
-    /// and how many must answer for `level`; TooFewLive at once when the live ones cannot.
-    #[allow(clippy::type_complexity)]
-    fn plan(
-        &self,
-        key: &[u8],
-        level: Level,
-        quorum: usize,
-    ) -> Result<(Vec<String>, Vec<String>, usize), Error> {
-        let ring = self.ring();
-        let (live, down) = self.rank(&ring, key, &self.health());
-        let total = live.len() + down.len();
-        let needed = required(level, total, quorum);
-        self.skipped_down
-            .set(self.skipped_down.get() + down.len() as u64);
-        if live.len() < needed {
-            return Err(Error::TooFewLive {
-                live: live.len(),
-                needed,
-                total,
-            });
-        }
-        Ok((live, down, needed))
-    }
-
-    /// Stops waiting for the replicas (bits of `waiting`, by index in `replicas`) that the
-    /// failure detector declared DOWN meanwhile: they will not answer. Returns how many.
-    fn stop_waiting_for_down(&self, replicas: &[String], waiting: &mut u64) -> usize {
-        let health = self.health.borrow();
-        let mut n = 0;
-        for (i, addr) in replicas.iter().enumerate() {
-            if *waiting & (1 << i) != 0 && state_of(&health, addr) == MemberState::Down {
-                *waiting &= !(1 << i);
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Writes `entry` to every replica; Ok(any replica had a live value) once `needed` have
-    /// stored it. Replicas the failure detector holds DOWN are not called: they get the write
-    /// as a hint. When too few replicas are up for the level the write is refused at once and
-    /// made nowhere, as Cassandra's UnavailableException: a definite failure the client may
-    /// retry, not a write that surfaces later through hints.
+    /// Writes `entry` to every live replica; Ok(any replica had a live value) once the level's
+    /// quorum stored it. Replicas the failure detector holds DOWN are not called: they get
+    /// the write as a hint, as does every replica whose call fails.
     async fn replicate(
         self: &Rc<Self>,
         shard: ShardId,
@@ -268,90 +176,51 @@ impl Coordinator {
         level: Level,
         deadline: Instant,
     ) -> Result<bool, Error> {
-        let (live, down, needed) = self.plan(&entry.key, level, self.write_quorum)?;
-        let total = live.len() + down.len();
+        let (live, down) = self.rank(&entry.key);
+        let mut plan = WritePlan::new(level, live.len(), down.len(), self.write_quorum)?;
         let now = Instant::now();
         for addr in &down {
             self.hints.store(addr, entry.clone(), now);
         }
-        let mut tally = Tally::new(needed, live.len());
-        let mut existed = false;
-        // (index in `live`, Ok((existed, syncing)) or a failure).
-        let (tx, rx) = local_channel::new_unbounded::<(usize, Result<(bool, bool), ()>)>();
+        let (tx, rx) = local_channel::new_unbounded::<(usize, WriteAnswer)>();
         let tx = Rc::new(tx);
         let entry = Rc::new(entry);
-        // Which of `live` are still being waited for (a bit each: REPLICATION_FACTOR is at most
-        // 64, config.rs).
-        let mut waiting: u64 = 0;
         for (i, addr) in live.iter().enumerate() {
             if *addr == self.me {
-                match self.local(shard, Command::Apply((*entry).clone()), deadline) {
-                    Ok(Reply::Applied { existed: e, .. }) => {
-                        existed |= e;
-                        if counts(level, true, self.bucket_syncing(&entry.key)) {
-                            tally.ok();
-                        } else {
-                            tally.fail();
-                        }
+                let answer = match self.local(shard, Command::Apply((*entry).clone()), deadline) {
+                    Ok(Reply::Applied { existed, .. }) => {
+                        Ok((existed, self.bucket_syncing(&entry.key)))
                     }
-                    _ => {
-                        tally.fail();
-                    }
-                }
+                    _ => Err(()),
+                };
+                plan.answer(i, answer);
                 continue;
             }
-            waiting |= 1 << i;
             let (peers, entry, tx) = (Rc::clone(&self.peers), Rc::clone(&entry), Rc::clone(&tx));
             let (hints, addr) = (Rc::clone(&self.hints), addr.clone());
             glommio::spawn_local(async move {
-                let r = peers.write(&addr, &entry, deadline).await.map_err(|_| ());
-                if r.is_err() {
+                let answer = peers.write(&addr, &entry, deadline).await.map_err(|_| ());
+                if answer.is_err() {
                     // Down, cut off or slow: it gets the write when it answers again, whether
                     // or not the quorum was reached without it.
                     hints.store(&addr, (*entry).clone(), Instant::now());
                 }
-                let _ = tx.try_send((i, r));
+                let _ = tx.try_send((i, answer));
             })
             .detach();
         }
         drop(tx);
         loop {
-            match tally.outcome() {
-                Outcome::Reached => return Ok(existed),
-                Outcome::Impossible => {
-                    return Err(Error::Unavailable {
-                        answered: tally.ok,
-                        needed,
-                        total,
-                    })
-                }
-                Outcome::Pending => {}
+            if let Some(outcome) = plan.outcome() {
+                return outcome;
             }
-            match recv_until(&rx, deadline.min(Instant::now() + HEALTH_RECHECK)).await {
-                Some((i, r)) => {
-                    if waiting & (1 << i) == 0 {
-                        continue;
-                    }
-                    waiting &= !(1 << i);
-                    match r {
-                        Ok((e, syncing)) => {
-                            existed |= e;
-                            if counts(level, true, syncing) {
-                                tally.ok();
-                            } else {
-                                tally.fail();
-                            }
-                        }
-                        Err(()) => {
-                            tally.fail();
-                        }
-                    }
-                }
-                None if Instant::now() >= deadline => return Err(Error::DeadlineExceeded),
+            match recv_until(&rx, plan.wake_at(Instant::now(), deadline)).await {
+                Some((i, answer)) => plan.answer(i, answer),
                 None => {
-                    // Their calls go on, and store a hint when they fail.
-                    for _ in 0..self.stop_waiting_for_down(&live, &mut waiting) {
-                        tally.fail();
+                    let timed_out =
+                        plan.on_timer(Instant::now(), deadline, |i| self.is_down(&live[i]));
+                    if let Some(outcome) = timed_out {
+                        return outcome;
                     }
                 }
             }
@@ -408,13 +277,11 @@ impl Coordinator {
             }
             Command::Get { key } => {
                 let key = Rc::new(key);
-                let Learned { newest, settled } =
-                    self.query(shard, Rc::clone(&key), level, deadline).await?;
-                let newest = match newest {
-                    // Nobody had it; replicas that answer later cannot hold anything newer
-                    // than what a quorum lacked.
-                    None => return Err(Error::not_found(&key)),
-                    Some(newest) => newest,
+                let Learned {
+                    newest, settled, ..
+                } = self.query(shard, Rc::clone(&key), level, deadline).await?;
+                let Some(newest) = newest else {
+                    return Err(Error::not_found(&key));
                 };
                 if level == Level::Linearizable && !settled {
                     // What this read returns must be on a quorum before the answer leaves, or
@@ -457,7 +324,8 @@ impl Coordinator {
         Ok(Rc::try_unwrap(key).unwrap_or_else(|key| (*key).clone()))
     }
 
-    /// Reads `key` from the replicas `level` needs and repairs the stale ones it hears from.
+    /// Reads `key` from the replicas `level` needs and repairs the stale ones it hears from:
+    /// at once those that answered in time, in the background those that answer later.
     async fn query(
         self: &Rc<Self>,
         shard: ShardId,
@@ -465,196 +333,78 @@ impl Coordinator {
         level: Level,
         deadline: Instant,
     ) -> Result<Learned, Error> {
-        // This node first (its answer costs no round trip), then the fastest live replicas.
-        let (replicas, down, needed) = self.plan(&key, level, self.read_quorum)?;
-        let total = replicas.len() + down.len();
-        let mut tally = Tally::new(needed, replicas.len());
-        let counts =
-            |answer: &Option<ReplicaEntry>, syncing: bool| counts(level, answer.is_some(), syncing);
-        // (replica, its answer) for every replica that answered.
-        let mut answers: Vec<(String, Option<ReplicaEntry>)> = Vec::with_capacity(replicas.len());
-        #[allow(clippy::type_complexity)]
-        let (tx, rx) =
-            local_channel::new_unbounded::<(usize, Result<(Option<ReplicaEntry>, bool), ()>)>();
+        let (replicas, down) = self.rank(&key);
+        let mut plan = ReadPlan::new(level, replicas.len(), down.len(), self.read_quorum)?;
+        let (tx, rx) = local_channel::new_unbounded::<(usize, ReadAnswer)>();
         let tx = Rc::new(tx);
-        // Only as many replicas as the level needs are asked (quorum intersection needs no
-        // more), and one more for each that fails or is slower than its speculative delay: a
-        // QUORUM read of RF=3 costs one remote call, not two.
-        let mut asked = 0;
-        // Replicas asked and not answered yet (a bit each, by index in `replicas`), and the
-        // instant after which the read stops waiting for the slowest of them alone.
-        let mut waiting: u64 = 0;
-        // Of those, the ones slower than their speculative delay: still heard if they answer,
-        // but no longer counted on.
-        let mut written_off: u64 = 0;
-        let mut speculate_at: Vec<Option<Instant>> = vec![None; replicas.len()];
         loop {
-            while asked < replicas.len()
-                && tally.ok + ((waiting & !written_off).count_ones() as usize) < needed
-            {
-                let i = asked;
-                asked += 1;
-                let addr = &replicas[i];
-                if *addr == self.me {
-                    match self.local(
-                        shard,
-                        Command::Read {
-                            key: (*key).clone(),
-                        },
-                        deadline,
-                    ) {
-                        Ok(Reply::Entry(e)) => {
-                            if counts(&e, self.bucket_syncing(&key)) {
-                                tally.ok();
-                            } else {
-                                tally.fail();
-                            }
-                            answers.push((addr.clone(), e));
-                        }
-                        _ => {
-                            tally.fail();
-                        }
-                    }
-                    continue;
+            match plan.next(Instant::now(), deadline) {
+                ReadStep::Ask(i) if replicas[i] == self.me => {
+                    plan.asked(i, None);
+                    let read = Command::Read {
+                        key: (*key).clone(),
+                    };
+                    let answer = match self.local(shard, read, deadline) {
+                        Ok(Reply::Entry(e)) => Ok((e, self.bucket_syncing(&key))),
+                        _ => Err(()),
+                    };
+                    plan.answer(i, answer);
                 }
-                waiting |= 1 << i;
-                speculate_at[i] = self
-                    .peers
-                    .speculate_after(addr, self.speculative)
-                    .map(|after| Instant::now() + after);
-                let (peers, key, tx) = (Rc::clone(&self.peers), Rc::clone(&key), Rc::clone(&tx));
-                let addr = addr.clone();
-                glommio::spawn_local(async move {
-                    let r = peers.read(&addr, &key, deadline).await.map_err(|_| ());
-                    let _ = tx.try_send((i, r));
-                })
-                .detach();
-            }
-            match tally.outcome() {
-                Outcome::Reached => break,
-                Outcome::Impossible => {
-                    return Err(Error::Unavailable {
-                        answered: tally.ok,
-                        needed,
-                        total,
+                ReadStep::Ask(i) => {
+                    let addr = replicas[i].clone();
+                    let speculate_at = self
+                        .peers
+                        .speculate_after(&addr, self.speculative)
+                        .map(|after| Instant::now() + after);
+                    plan.asked(i, speculate_at);
+                    let (peers, key, tx) =
+                        (Rc::clone(&self.peers), Rc::clone(&key), Rc::clone(&tx));
+                    glommio::spawn_local(async move {
+                        let answer = peers.read(&addr, &key, deadline).await.map_err(|_| ());
+                        let _ = tx.try_send((i, answer));
                     })
+                    .detach();
                 }
-                Outcome::Pending => {}
-            }
-            if waiting == 0 {
-                // Everyone was asked and nobody is left to answer.
-                return Err(Error::Unavailable {
-                    answered: tally.ok,
-                    needed,
-                    total,
-                });
-            }
-            // Speculative retry: a replica that is slow (paused, partitioned) must not hold the
-            // read while another replica could answer. With nobody left to ask, the wait is
-            // cut in slices so that a replica declared DOWN meanwhile stops holding it.
-            let spare = asked < replicas.len();
-            let hopeful = waiting & !written_off;
-            let next_speculation = (0..replicas.len())
-                .filter(|i| hopeful & (1 << i) != 0)
-                .filter_map(|i| speculate_at[i])
-                .min()
-                .filter(|_| spare);
-            let wake_at = next_speculation
-                .unwrap_or_else(|| Instant::now() + HEALTH_RECHECK)
-                .min(deadline);
-            match recv_until(&rx, wake_at).await {
-                Some((i, answer)) => {
-                    if waiting & (1 << i) == 0 {
-                        continue;
+                ReadStep::Wait(until) => match recv_until(&rx, until).await {
+                    Some((i, answer)) => {
+                        plan.answer(i, answer);
                     }
-                    waiting &= !(1 << i);
-                    written_off &= !(1 << i);
-                    match answer {
-                        Ok((e, syncing)) => {
-                            if counts(&e, syncing) {
-                                tally.ok();
-                            } else {
-                                tally.fail();
-                            }
-                            answers.push((replicas[i].clone(), e));
-                        }
-                        Err(()) => {
-                            tally.fail();
-                        }
+                    None => {
+                        let now = Instant::now();
+                        let retries =
+                            plan.on_timer(now, deadline, |i| self.is_down(&replicas[i]))?;
+                        self.speculative_retries
+                            .set(self.speculative_retries.get() + retries);
                     }
-                }
-                None if Instant::now() >= deadline => return Err(Error::DeadlineExceeded),
-                None => {
-                    // Replicas past their speculative delay are written off, so the loop's
-                    // next turn asks one more for each; they may still answer and count.
-                    let now = Instant::now();
-                    for (i, at) in speculate_at.iter().enumerate() {
-                        if spare && hopeful & (1 << i) != 0 && at.is_some_and(|at| now >= at) {
-                            written_off |= 1 << i;
-                            self.speculative_retries
-                                .set(self.speculative_retries.get() + 1);
-                        }
-                    }
-                    for _ in 0..self.stop_waiting_for_down(&replicas, &mut waiting) {
-                        tally.fail();
-                    }
-                    written_off &= waiting;
+                },
+                ReadStep::Done(outcome) => {
+                    outcome?;
+                    break;
                 }
             }
         }
         drop(tx);
-        let entries: Vec<Option<ReplicaEntry>> = answers.iter().map(|(_, e)| e.clone()).collect();
-        let Some((winner, stale)) = resolve(&entries) else {
-            // Nobody had it: nothing to repair.
-            return Ok(Learned {
-                newest: None,
-                settled: true,
-            });
+        let learned = plan.learned(self.write_quorum);
+        let Some(newest) = &learned.newest else {
+            return Ok(learned);
         };
-        let newest = entries[winner].clone().expect("the winner has an entry");
-        let holders = answers.len() - stale.len();
-        let settled = holders >= required(Level::Linearizable, total, self.write_quorum);
-        // Read repair: bring every replica that answered stale or empty up to the winner, now
-        // for those that answered in time and in the background for those that answer later.
         // Repairs get their own window: the client's deadline is about its answer, not theirs.
         let deadline = deadline.max(Instant::now() + REPAIR_WINDOW);
-        for i in stale {
-            self.repair(shard, answers[i].0.clone(), newest.clone(), deadline);
+        for &i in &learned.stale {
+            self.repair(shard, replicas[i].clone(), newest.clone(), deadline);
         }
-        {
-            let this = Rc::clone(self);
-            let newest = newest.clone();
-            glommio::spawn_local(async move {
-                while let Some((i, answer)) = recv_until(&rx, deadline).await {
-                    let behind = match answer {
-                        Ok((Some(e), _)) => e.version < newest.version,
-                        Ok((None, _)) => true,
-                        Err(()) => false,
-                    };
-                    if behind {
-                        this.repair(shard, replicas[i].clone(), newest.clone(), deadline);
-                    }
+        let (this, newest) = (Rc::clone(self), newest.clone());
+        glommio::spawn_local(async move {
+            while let Some((i, answer)) = recv_until(&rx, deadline).await {
+                if late_answer_is_stale(&answer, &newest) {
+                    this.repair(shard, replicas[i].clone(), newest.clone(), deadline);
                 }
-            })
-            .detach();
-        }
-        Ok(Learned {
-            newest: Some(newest),
-            settled,
+            }
         })
+        .detach();
+        Ok(learned)
     }
-}
 
-/// What a quorum read learned.
-struct Learned {
-    /// The newest entry among the answers, tombstones included.
-    newest: Option<ReplicaEntry>,
-    /// Whether a write quorum of the answers already held it: a LINEARIZABLE read then needs
-    /// no write-back (the common case when no write is under way).
-    settled: bool,
-}
-
-impl Coordinator {
     /// Writes `entry` to the replica `addr` (this node's shard in place), best effort.
     fn repair(
         self: &Rc<Self>,
@@ -676,19 +426,6 @@ impl Coordinator {
     }
 }
 
-/// Whether a replica's answer counts toward `level`'s quorum. `found`: it held the key (a
-/// write's acknowledgement always counts as found); `syncing`: see [`Coordinator::syncing`].
-/// At QUORUM and LINEARIZABLE a syncing replica never counts (what it holds, a value or
-/// nothing, may be older than what a settled quorum acknowledged); it is still heard, and read
-/// repaired. At ONE and ALL, which promise no intersection, only its "not found" is no answer,
-/// so a read asks another replica rather than miss a key still on its way.
-fn counts(level: Level, found: bool, syncing: bool) -> bool {
-    match level {
-        Level::Quorum | Level::Linearizable => !syncing,
-        Level::One | Level::All => found || !syncing,
-    }
-}
-
 /// The next message, or None when the deadline passes (or every sender is gone).
 async fn recv_until<T>(rx: &local_channel::LocalReceiver<T>, deadline: Instant) -> Option<T> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -701,3 +438,6 @@ async fn recv_until<T>(rx: &local_channel::LocalReceiver<T>, deadline: Instant) 
     })
     .await
 }
+
+#[cfg(test)]
+mod tests;

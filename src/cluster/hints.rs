@@ -7,7 +7,7 @@
 //! counted) and expiring after HINT_TTL. A hint carries the entry's version, so delivering it
 //! twice, late or after a newer write is harmless: the replica keeps the newest.
 
-use super::peer::PeerClients;
+use super::transport::PeerTransport;
 use crate::engine::command::ReplicaEntry;
 use std::{
     cell::{Cell, RefCell},
@@ -210,9 +210,9 @@ impl Hints {
     /// One delivery round: for each peer with hints, deliver them oldest first, stopping at
     /// the first failure (the peer is still away; the rest wait for the next round).
     /// `in_ring` says whether a peer still owns part of the ring.
-    pub async fn deliver(
+    pub async fn deliver<P: PeerTransport>(
         &self,
-        peers: &PeerClients,
+        peers: &P,
         in_ring: &dyn Fn(&str) -> bool,
         rpc_timeout: Duration,
     ) {
@@ -240,16 +240,16 @@ impl Hints {
     }
 
     /// Delivers hints every REPLAY_INTERVAL, for as long as the core runs.
-    pub async fn deliver_forever(
+    pub async fn deliver_forever<P: PeerTransport>(
         self: Rc<Self>,
-        peers: Rc<PeerClients>,
+        peers: Rc<P>,
         in_ring: impl Fn(&str) -> bool,
         rpc_timeout: Duration,
     ) {
         loop {
             glommio::timer::sleep(REPLAY_INTERVAL).await;
             if !self.queue.borrow().is_empty() {
-                self.deliver(&peers, &in_ring, rpc_timeout).await;
+                self.deliver(&*peers, &in_ring, rpc_timeout).await;
             }
         }
     }

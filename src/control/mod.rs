@@ -22,9 +22,9 @@ pub mod peer_service;
 use crate::{
     cluster::{
         antientropy::{self, AntiEntropy},
-        coordinator::ViewPublishers,
         membership::{self, MembershipCmd, MembershipSettings, MembershipView, SharedView},
         ring::Ring,
+        views::ViewPublishers,
     },
     ingress::Forwarded,
     pb,

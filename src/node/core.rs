@@ -5,9 +5,10 @@
 
 use crate::{
     cluster::{
-        coordinator::{ClusterViews, Coordinator, Routed},
+        coordinator::{Coordinator, Routed},
         hints::Hints,
         peer::PeerClients,
+        views::ClusterViews,
     },
     config::Config,
     engine::{command::Response, core::CoreEngine},

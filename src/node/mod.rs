@@ -7,7 +7,7 @@ pub mod core;
 
 use self::core::{per_core, CoreSetup};
 use crate::{
-    cluster::{coordinator::cluster_views, ring::Ring},
+    cluster::{ring::Ring, views::cluster_views},
     config::Config,
     control::{self, cores::Cores, ControlPlane},
     ingress,

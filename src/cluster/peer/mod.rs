@@ -12,7 +12,10 @@
 
 pub mod unary;
 
-use super::snitch::{CallEnd, PeerLatency, SpeculativeRetry};
+use super::{
+    snitch::{CallEnd, PeerLatency, SpeculativeRetry},
+    transport::PeerTransport,
+};
 use crate::{
     engine::command::ReplicaEntry,
     pb,
@@ -368,20 +371,6 @@ impl PeerClients {
         f(calls.entry(addr.to_string()).or_default())
     }
 
-    /// The peer's rank for reads at `now` (lower is better; see [`PeerLatency::score_us`]).
-    pub fn score_us(&self, addr: &str, now: Instant) -> f64 {
-        self.calls
-            .borrow()
-            .get(addr)
-            .map(|c| c.latency.score_us(now))
-            .unwrap_or(0.0)
-    }
-
-    /// How long a read waits for `addr` before asking another replica, under `policy`.
-    pub fn speculate_after(&self, addr: &str, policy: SpeculativeRetry) -> Option<Duration> {
-        self.with_calls(addr, |c| c.latency.speculate_after(policy))
-    }
-
     /// (peer, score in seconds, speculative delay in seconds) for every peer this core called.
     pub fn latency_scores(&self, policy: SpeculativeRetry) -> Vec<(String, f64, Option<f64>)> {
         let now = Instant::now();
@@ -419,10 +408,26 @@ impl PeerClients {
         out.sort();
         out
     }
+}
+
+impl PeerTransport for PeerClients {
+    /// The peer's rank for reads at `now` (lower is better; see [`PeerLatency::score_us`]).
+    fn score_us(&self, addr: &str, now: Instant) -> f64 {
+        self.calls
+            .borrow()
+            .get(addr)
+            .map(|c| c.latency.score_us(now))
+            .unwrap_or(0.0)
+    }
+
+    /// How long a read waits for `addr` before asking another replica, under `policy`.
+    fn speculate_after(&self, addr: &str, policy: SpeculativeRetry) -> Option<Duration> {
+        self.with_calls(addr, |c| c.latency.speculate_after(policy))
+    }
 
     /// Applies `entry` on the replica `addr`: (a live value existed, the replica is still
     /// syncing the key's range, see `Coordinator::syncing`).
-    pub async fn write(
+    async fn write(
         &self,
         addr: &str,
         entry: &ReplicaEntry,
@@ -443,7 +448,7 @@ impl PeerClients {
 
     /// The replica `addr`'s entry for `key`, tombstones included, and whether that replica
     /// is still receiving the key's range.
-    pub async fn read(
+    async fn read(
         &self,
         addr: &str,
         key: &[u8],
