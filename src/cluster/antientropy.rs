@@ -132,6 +132,144 @@ fn unavailable(e: Unanswered) -> tonic::Status {
     tonic::Status::unavailable(e.to_string())
 }
 
+/// The other replicas' side of a comparison: PeerService's anti-entropy calls to `peer`.
+pub trait RemoteReplicas: Send + Sync + 'static {
+    fn digests(
+        &self,
+        peer: &str,
+        req: pb::DigestRequest,
+    ) -> impl Future<Output = Result<pb::DigestReply, tonic::Status>> + Send;
+    fn keys(
+        &self,
+        peer: &str,
+        req: pb::KeysRequest,
+    ) -> impl Future<Output = Result<pb::KeysReply, tonic::Status>> + Send;
+    fn fetch(
+        &self,
+        peer: &str,
+        req: pb::FetchRequest,
+    ) -> impl Future<Output = Result<pb::EntryBatch, tonic::Status>> + Send;
+    fn apply(
+        &self,
+        peer: &str,
+        req: pb::EntryBatch,
+    ) -> impl Future<Output = Result<pb::ApplyAck, tonic::Status>> + Send;
+}
+
+/// The real [`RemoteReplicas`]: tonic clients on the control plane's runtime, one per peer,
+/// connected lazily.
+#[derive(Default)]
+pub struct TonicPeers {
+    clients: tokio::sync::Mutex<HashMap<String, PeerServiceClient<Channel>>>,
+}
+
+impl TonicPeers {
+    async fn client(&self, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        let c = PeerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+impl RemoteReplicas for TonicPeers {
+    async fn digests(
+        &self,
+        peer: &str,
+        req: pb::DigestRequest,
+    ) -> Result<pb::DigestReply, tonic::Status> {
+        Ok(self.client(peer).await?.digests(req).await?.into_inner())
+    }
+
+    async fn keys(&self, peer: &str, req: pb::KeysRequest) -> Result<pb::KeysReply, tonic::Status> {
+        Ok(self.client(peer).await?.keys(req).await?.into_inner())
+    }
+
+    async fn fetch(
+        &self,
+        peer: &str,
+        req: pb::FetchRequest,
+    ) -> Result<pb::EntryBatch, tonic::Status> {
+        Ok(self.client(peer).await?.fetch(req).await?.into_inner())
+    }
+
+    async fn apply(&self, peer: &str, req: pb::EntryBatch) -> Result<pb::ApplyAck, tonic::Status> {
+        Ok(self.client(peer).await?.apply(req).await?.into_inner())
+    }
+}
+
+/// How a replica answers anti-entropy's calls from what it holds: served by the control plane
+/// (PeerService), and by the in-memory peers of the tests.
+pub mod answer {
+    use super::*;
+
+    fn buckets_of(bytes: &[u8]) -> Result<BucketSet, tonic::Status> {
+        BucketSet::from_bytes(bytes)
+            .ok_or_else(|| tonic::Status::invalid_argument("buckets: expected a 512-byte bitmap"))
+    }
+
+    pub async fn digests(
+        local: &impl LocalReplica,
+        req: pb::DigestRequest,
+    ) -> Result<pb::DigestReply, tonic::Status> {
+        let buckets = buckets_of(&req.buckets)?;
+        let leaves = local.digests().await.map_err(unavailable)?;
+        Ok(if req.groups {
+            pb::DigestReply {
+                digests: group_digests(&leaves.digests, &buckets),
+                counts: Vec::new(),
+            }
+        } else {
+            pb::DigestReply {
+                digests: buckets.iter().map(|b| leaves.digests[b]).collect(),
+                counts: buckets.iter().map(|b| leaves.counts[b]).collect(),
+            }
+        })
+    }
+
+    pub async fn keys(
+        local: &impl LocalReplica,
+        req: pb::KeysRequest,
+    ) -> Result<pb::KeysReply, tonic::Status> {
+        let buckets = buckets_of(&req.buckets)?;
+        let keys = local.list(&buckets).await.map_err(unavailable)?;
+        Ok(pb::KeysReply {
+            keys: keys.into_iter().map(wire::key_version_to_pb).collect(),
+        })
+    }
+
+    pub async fn fetch(
+        local: &impl LocalReplica,
+        req: pb::FetchRequest,
+    ) -> Result<pb::EntryBatch, tonic::Status> {
+        let entries = local.fetch(req.keys).await.map_err(unavailable)?;
+        Ok(pb::EntryBatch {
+            entries: entries.iter().map(wire::entry_to_pb).collect(),
+        })
+    }
+
+    pub async fn apply(
+        local: &impl LocalReplica,
+        req: pb::EntryBatch,
+    ) -> Result<pb::ApplyAck, tonic::Status> {
+        let entries = req.entries.into_iter().map(wire::entry_from_pb).collect();
+        let applied = local.apply(entries).await.map_err(unavailable)?;
+        Ok(pb::ApplyAck {
+            applied: applied as u32,
+        })
+    }
+}
+
 /// XOR of the digests of `buckets` in each group of 64 buckets.
 pub fn group_digests(digests: &[u64], buckets: &BucketSet) -> Vec<u64> {
     let mut groups = vec![0u64; BUCKETS / 64];
@@ -166,11 +304,11 @@ struct SyncOutcome {
     pushed: usize,
 }
 
-pub struct AntiEntropy<L> {
+pub struct AntiEntropy<L, R = TonicPeers> {
     settings: Settings,
     local: L,
+    remote: R,
     counters: Arc<Counters>,
-    clients: tokio::sync::Mutex<HashMap<String, PeerServiceClient<Channel>>>,
     /// Buckets this node replicates but has not yet compared with a peer since it started or
     /// became their replica; the cores learn them so that reads discount this node's "not
     /// found" there. Only the side thread's tasks touch it, one at a time.
@@ -183,19 +321,20 @@ fn bytes_of<M: prost::Message>(m: &M) -> usize {
     m.encoded_len()
 }
 
-impl<L: LocalReplica> AntiEntropy<L> {
+impl<L: LocalReplica, R: RemoteReplicas> AntiEntropy<L, R> {
     pub fn new(
         settings: Settings,
         local: L,
+        remote: R,
         counters: Arc<Counters>,
         syncing_tx: watch::Sender<Arc<BucketSet>>,
     ) -> Self {
         Self {
             settings,
             local,
+            remote,
             counters,
             syncing_tx,
-            clients: tokio::sync::Mutex::new(HashMap::new()),
             syncing: std::sync::Mutex::new(BucketSet::default()),
         }
     }
@@ -216,36 +355,19 @@ impl<L: LocalReplica> AntiEntropy<L> {
         }
     }
 
-    async fn client(&self, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
-        }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        let c = PeerServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        clients.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
     fn count_bytes(&self, n: usize) {
         Counters::add(&self.counters.bytes, n);
     }
 
-    /// Compares `buckets` with `peer` and exchanges what differs. Ok(true) when the two held
-    /// the same for every bucket compared by the end.
+    /// Compares `buckets` with `peer` and exchanges what differs, adding what moved to `done`
+    /// as it goes (so that a comparison cut short still counts what it moved).
     async fn sync(
         &self,
         peer: &str,
         buckets: &BucketSet,
         direction: Direction,
-    ) -> Result<SyncOutcome, tonic::Status> {
-        let mut client = self.client(peer).await?;
+        done: &mut SyncOutcome,
+    ) -> Result<(), tonic::Status> {
         Counters::add(&self.counters.buckets_compared, buckets.len());
         let local = self.local.digests().await.map_err(unavailable)?;
         let (local, local_counts) = (local.digests, local.counts);
@@ -255,7 +377,7 @@ impl<L: LocalReplica> AntiEntropy<L> {
             groups: true,
         };
         self.count_bytes(bytes_of(&req));
-        let remote_groups = client.digests(req).await?.into_inner();
+        let remote_groups = self.remote.digests(peer, req).await?;
         self.count_bytes(bytes_of(&remote_groups));
         let local_groups = group_digests(&local, buckets);
         if remote_groups.digests.len() != local_groups.len() {
@@ -270,7 +392,7 @@ impl<L: LocalReplica> AntiEntropy<L> {
             }
         }
         if narrowed.is_empty() {
-            return Ok(SyncOutcome::default());
+            return Ok(());
         }
         // Leaves of the groups that differ.
         let req = pb::DigestRequest {
@@ -278,7 +400,7 @@ impl<L: LocalReplica> AntiEntropy<L> {
             groups: false,
         };
         self.count_bytes(bytes_of(&req));
-        let remote_leaves = client.digests(req).await?.into_inner();
+        let remote_leaves = self.remote.digests(peer, req).await?;
         self.count_bytes(bytes_of(&remote_leaves));
         // (bucket, entries on the larger side) for the buckets that differ.
         let differing: Vec<(usize, u64)> = narrowed
@@ -290,28 +412,25 @@ impl<L: LocalReplica> AntiEntropy<L> {
                 (b, theirs.max(local_counts[b]) as u64)
             })
             .collect();
-        let mut outcome = SyncOutcome::default();
         for set in list_batches(&differing, KEYS_PER_LIST) {
-            let o = self.sync_keys(&mut client, peer, &set, direction).await?;
-            outcome.pulled += o.pulled;
-            outcome.pushed += o.pushed;
+            self.sync_keys(peer, &set, direction, done).await?;
         }
-        Ok(outcome)
+        Ok(())
     }
 
     /// Exchanges the entries of `buckets` that differ between this node and `peer`.
     async fn sync_keys(
         &self,
-        client: &mut PeerServiceClient<Channel>,
         peer: &str,
         buckets: &BucketSet,
         direction: Direction,
-    ) -> Result<SyncOutcome, tonic::Status> {
+        done: &mut SyncOutcome,
+    ) -> Result<(), tonic::Status> {
         let req = pb::KeysRequest {
             buckets: buckets.to_bytes(),
         };
         self.count_bytes(bytes_of(&req));
-        let remote = client.keys(req).await?.into_inner();
+        let remote = self.remote.keys(peer, req).await?;
         self.count_bytes(bytes_of(&remote));
         let mut theirs: HashMap<Vec<u8>, Version> = remote
             .keys
@@ -329,13 +448,38 @@ impl<L: LocalReplica> AntiEntropy<L> {
         }
         pull.extend(theirs.into_keys());
         let mut outcome = SyncOutcome::default();
+        let result = self
+            .exchange(peer, pull, push, direction, &mut outcome)
+            .await;
+        done.pulled += outcome.pulled;
+        done.pushed += outcome.pushed;
+        tracing::debug!(
+            peer,
+            buckets = buckets.len(),
+            pulled = outcome.pulled,
+            pushed = outcome.pushed,
+            "anti-entropy exchanged entries"
+        );
+        result
+    }
+
+    /// Pulls the entries of `pull` from `peer` and pushes those of `push` to it, in bounded
+    /// batches, counting in `outcome` what each batch changed.
+    async fn exchange(
+        &self,
+        peer: &str,
+        pull: Vec<Vec<u8>>,
+        push: Vec<Vec<u8>>,
+        direction: Direction,
+        outcome: &mut SyncOutcome,
+    ) -> Result<(), tonic::Status> {
         if direction == Direction::Both {
             for keys in pull.chunks(ENTRIES_PER_BATCH) {
                 let req = pb::FetchRequest {
                     keys: keys.to_vec(),
                 };
                 self.count_bytes(bytes_of(&req));
-                let batch = client.fetch(req).await?.into_inner();
+                let batch = self.remote.fetch(peer, req).await?;
                 self.count_bytes(bytes_of(&batch));
                 let entries: Vec<ReplicaEntry> =
                     batch.entries.into_iter().map(wire::entry_from_pb).collect();
@@ -349,19 +493,12 @@ impl<L: LocalReplica> AntiEntropy<L> {
                     entries: batch.iter().map(wire::entry_to_pb).collect(),
                 };
                 self.count_bytes(bytes_of(&req));
-                let ack = client.apply(req).await?.into_inner();
+                let ack = self.remote.apply(peer, req).await?;
                 self.count_bytes(bytes_of(&ack));
                 outcome.pushed += ack.applied as usize;
             }
         }
-        tracing::debug!(
-            peer,
-            buckets = buckets.len(),
-            pulled = outcome.pulled,
-            pushed = outcome.pushed,
-            "anti-entropy exchanged entries"
-        );
-        Ok(outcome)
+        Ok(())
     }
 
     /// One round: compare every bucket shared with every other node of `ring`, then hand off
@@ -376,12 +513,12 @@ impl<L: LocalReplica> AntiEntropy<L> {
             if shared.is_empty() {
                 continue;
             }
-            match self.sync(peer, &shared, Direction::Both).await {
-                Ok(o) => {
-                    Counters::add(&self.counters.pulled, o.pulled);
-                    Counters::add(&self.counters.pushed, o.pushed);
-                    synced.union_with(&shared);
-                }
+            let mut moved = SyncOutcome::default();
+            let result = self.sync(peer, &shared, Direction::Both, &mut moved).await;
+            Counters::add(&self.counters.pulled, moved.pulled);
+            Counters::add(&self.counters.pushed, moved.pushed);
+            match result {
+                Ok(()) => synced.union_with(&shared),
                 Err(status) => {
                     tracing::debug!(peer = %peer, error = %status.message(), "anti-entropy with peer failed");
                 }
@@ -433,17 +570,22 @@ impl<L: LocalReplica> AntiEntropy<L> {
             }
             // Push, then compare again: the second pass finds nothing to send once the replica
             // holds everything.
-            let pushed = self.sync(node, &theirs, Direction::PushOnly).await;
-            let settled = self.sync(node, &theirs, Direction::PushOnly).await;
-            match (pushed, settled) {
-                (Ok(o), Ok(again)) if again.pushed == 0 => {
-                    Counters::add(&self.counters.handed_off, o.pushed);
+            let (mut first, mut again) = (SyncOutcome::default(), SyncOutcome::default());
+            let pushed = self
+                .sync(node, &theirs, Direction::PushOnly, &mut first)
+                .await;
+            let settled = match pushed {
+                Ok(()) => {
+                    self.sync(node, &theirs, Direction::PushOnly, &mut again)
+                        .await
                 }
-                (Ok(o), _) => {
-                    Counters::add(&self.counters.handed_off, o.pushed);
-                    all_acked = false;
-                }
-                (Err(status), _) => {
+                Err(status) => Err(status),
+            };
+            Counters::add(&self.counters.handed_off, first.pushed + again.pushed);
+            match settled {
+                Ok(()) if again.pushed == 0 => {}
+                Ok(()) => all_acked = false,
+                Err(status) => {
                     tracing::debug!(peer = %node, error = %status.message(), "hand-off failed");
                     all_acked = false;
                 }
@@ -601,5 +743,185 @@ mod tests {
         assert_eq!(g[0], digests[3]);
         assert_eq!(g[1], digests[70]);
         assert!(g[2..].iter().all(|&x| x == 0));
+    }
+
+    /// A replica held in memory, answering as the cores do; its applies can be made to fail
+    /// after a number of calls (a peer going away mid hand-off).
+    #[derive(Clone)]
+    struct MemoryReplica {
+        entries: Arc<std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ReplicaEntry>>>,
+        applies_left: Arc<AtomicU64>,
+    }
+
+    impl MemoryReplica {
+        fn new() -> Self {
+            MemoryReplica {
+                entries: Default::default(),
+                applies_left: Arc::new(AtomicU64::new(u64::MAX)),
+            }
+        }
+
+        fn len(&self) -> usize {
+            self.entries.lock().unwrap().len()
+        }
+    }
+
+    impl LocalReplica for MemoryReplica {
+        async fn digests(&self) -> Result<Leaves, Unanswered> {
+            let mut leaves = Leaves::default();
+            for e in self.entries.lock().unwrap().values() {
+                let b = crate::routing::buckets::bucket_of(&e.key);
+                leaves.digests[b] ^= crate::engine::shard::entry_digest(&e.key, e.version, e.flags);
+                leaves.counts[b] += 1;
+            }
+            Ok(leaves)
+        }
+
+        async fn list(&self, buckets: &BucketSet) -> Result<Vec<KeyVersion>, Unanswered> {
+            Ok(self
+                .entries
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|e| buckets.contains(crate::routing::buckets::bucket_of(&e.key)))
+                .map(|e| KeyVersion {
+                    key: e.key.clone(),
+                    version: e.version,
+                    flags: e.flags,
+                })
+                .collect())
+        }
+
+        async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<ReplicaEntry>, Unanswered> {
+            let entries = self.entries.lock().unwrap();
+            Ok(keys
+                .iter()
+                .filter_map(|k| entries.get(k).cloned())
+                .collect())
+        }
+
+        async fn apply(&self, batch: Vec<ReplicaEntry>) -> Result<usize, Unanswered> {
+            let left = self.applies_left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(Unanswered::Gone(0));
+            }
+            self.applies_left
+                .store(left.saturating_sub(1), Ordering::SeqCst);
+            let mut entries = self.entries.lock().unwrap();
+            let mut changed = 0;
+            for e in batch {
+                if entries
+                    .get(&e.key)
+                    .is_none_or(|old| old.version < e.version)
+                {
+                    entries.insert(e.key.clone(), e);
+                    changed += 1;
+                }
+            }
+            Ok(changed)
+        }
+
+        async fn drop_buckets(&self, buckets: &BucketSet) -> Result<usize, Unanswered> {
+            let mut entries = self.entries.lock().unwrap();
+            let before = entries.len();
+            entries.retain(|k, _| !buckets.contains(crate::routing::buckets::bucket_of(k)));
+            Ok(before - entries.len())
+        }
+    }
+
+    /// Peers reached in memory, answering with the same handlers PeerService uses.
+    struct MemoryPeers(HashMap<String, MemoryReplica>);
+
+    impl MemoryPeers {
+        fn peer(&self, addr: &str) -> Result<&MemoryReplica, tonic::Status> {
+            self.0
+                .get(addr)
+                .ok_or_else(|| tonic::Status::unavailable("no such peer"))
+        }
+    }
+
+    impl RemoteReplicas for MemoryPeers {
+        async fn digests(
+            &self,
+            peer: &str,
+            req: pb::DigestRequest,
+        ) -> Result<pb::DigestReply, tonic::Status> {
+            answer::digests(self.peer(peer)?, req).await
+        }
+
+        async fn keys(
+            &self,
+            peer: &str,
+            req: pb::KeysRequest,
+        ) -> Result<pb::KeysReply, tonic::Status> {
+            answer::keys(self.peer(peer)?, req).await
+        }
+
+        async fn fetch(
+            &self,
+            peer: &str,
+            req: pb::FetchRequest,
+        ) -> Result<pb::EntryBatch, tonic::Status> {
+            answer::fetch(self.peer(peer)?, req).await
+        }
+
+        async fn apply(
+            &self,
+            peer: &str,
+            req: pb::EntryBatch,
+        ) -> Result<pb::ApplyAck, tonic::Status> {
+            answer::apply(self.peer(peer)?, req).await
+        }
+    }
+
+    #[test]
+    fn a_hand_off_interrupted_keeps_everything_and_the_next_one_completes() {
+        let (a, b) = (MemoryReplica::new(), MemoryReplica::new());
+        for i in 0..2000u64 {
+            let key = format!("key-{i}").into_bytes();
+            let e = ReplicaEntry {
+                key: key.clone(),
+                value: b"v".to_vec(),
+                version: Version {
+                    hlc: i + 1,
+                    node: 1,
+                },
+                ttl_ms: 0,
+                flags: 0,
+            };
+            a.entries.lock().unwrap().insert(key, e);
+        }
+        let (syncing_tx, _syncing) = watch::channel(Arc::new(BucketSet::default()));
+        let ae = AntiEntropy::new(
+            Settings {
+                me: "a".into(),
+                interval: Duration::MAX,
+                transition: Duration::ZERO,
+            },
+            a.clone(),
+            MemoryPeers(HashMap::from([("b".to_string(), b.clone())])),
+            Arc::new(Counters::default()),
+            syncing_tx,
+        );
+        // "a" left: "b" takes over every bucket.
+        let ring = Ring::new(["b".to_string()], 16, 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+
+        // b goes away after one batch: not acknowledged, nothing dropped here.
+        b.applies_left.store(1, Ordering::SeqCst);
+        assert!(!runtime.block_on(ae.hand_off(&ring, true)));
+        assert_eq!(a.len(), 2000);
+        assert_eq!(b.len(), ENTRIES_PER_BATCH);
+
+        // b is back: the next hand-off sends the rest, sees the digests agree, and drops.
+        b.applies_left.store(u64::MAX, Ordering::SeqCst);
+        assert!(runtime.block_on(ae.hand_off(&ring, true)));
+        assert_eq!(b.len(), 2000);
+        assert_eq!(a.len(), 0);
+        let counts = ae.counters.snapshot();
+        assert_eq!(counts.handed_off, 2000);
+        assert_eq!(counts.dropped, 2000);
     }
 }

@@ -192,6 +192,7 @@ impl ControlPlane {
                 transition: settings.transition,
             },
             cores.clone(),
+            antientropy::TonicPeers::default(),
             Arc::clone(&counters),
             views.syncing,
         ));

@@ -4,13 +4,8 @@
 
 use super::cores::Cores;
 use crate::{
-    cluster::{
-        antientropy::{group_digests, LocalReplica},
-        membership::MembershipCmd,
-    },
+    cluster::{antientropy::answer, membership::MembershipCmd},
     pb,
-    routing::buckets::BucketSet,
-    wire,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -18,15 +13,6 @@ use tonic::{Request, Response, Status};
 pub struct PeerControl {
     pub membership: mpsc::UnboundedSender<MembershipCmd>,
     pub cores: Cores,
-}
-
-fn buckets_of(bytes: &[u8]) -> Result<BucketSet, Status> {
-    BucketSet::from_bytes(bytes)
-        .ok_or_else(|| Status::invalid_argument("buckets: expected a 512-byte bitmap"))
-}
-
-fn unavailable(e: executors::Unanswered) -> Status {
-    Status::unavailable(e.to_string())
 }
 
 #[tonic::async_trait]
@@ -56,54 +42,29 @@ impl pb::peer_service_server::PeerService for PeerControl {
         &self,
         req: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestReply>, Status> {
-        let req = req.into_inner();
-        let buckets = buckets_of(&req.buckets)?;
-        let leaves = self.cores.digests().await.map_err(unavailable)?;
-        Ok(Response::new(if req.groups {
-            pb::DigestReply {
-                digests: group_digests(&leaves.digests, &buckets),
-                counts: Vec::new(),
-            }
-        } else {
-            pb::DigestReply {
-                digests: buckets.iter().map(|b| leaves.digests[b]).collect(),
-                counts: buckets.iter().map(|b| leaves.counts[b]).collect(),
-            }
-        }))
+        answer::digests(&self.cores, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn keys(&self, req: Request<pb::KeysRequest>) -> Result<Response<pb::KeysReply>, Status> {
-        let buckets = buckets_of(&req.into_inner().buckets)?;
-        let keys = self.cores.list(&buckets).await.map_err(unavailable)?;
-        Ok(Response::new(pb::KeysReply {
-            keys: keys.into_iter().map(wire::key_version_to_pb).collect(),
-        }))
+        answer::keys(&self.cores, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn fetch(
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::EntryBatch>, Status> {
-        let entries = self
-            .cores
-            .fetch(req.into_inner().keys)
+        answer::fetch(&self.cores, req.into_inner())
             .await
-            .map_err(unavailable)?;
-        Ok(Response::new(pb::EntryBatch {
-            entries: entries.iter().map(wire::entry_to_pb).collect(),
-        }))
+            .map(Response::new)
     }
 
     async fn apply(&self, req: Request<pb::EntryBatch>) -> Result<Response<pb::ApplyAck>, Status> {
-        let entries = req
-            .into_inner()
-            .entries
-            .into_iter()
-            .map(wire::entry_from_pb)
-            .collect();
-        let applied = self.cores.apply(entries).await.map_err(unavailable)?;
-        Ok(Response::new(pb::ApplyAck {
-            applied: applied as u32,
-        }))
+        answer::apply(&self.cores, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
