@@ -160,7 +160,6 @@ fn parse_secs(
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// An on/off variable, on by default.
 /// Connections the process's open-file limit leaves room for: each takes two descriptors (the
 /// socket and the handle kept for its lingering close), and a few hundred stay for peers,
 /// gossip, metrics and io_uring.
@@ -178,6 +177,7 @@ fn default_max_connections() -> u64 {
     (soft.min(1 << 20).saturating_sub(256) / 2).max(1)
 }
 
+/// An on/off variable, on by default.
 fn parse_switch(var: &'static str, raw: &Option<String>) -> Result<bool, ConfigError> {
     match raw.as_deref().map(str::trim) {
         None | Some("") | Some("on") | Some("true") | Some("1") => Ok(true),

@@ -1,6 +1,7 @@
 //! The `distributed-cache` binary. Bare (or `serve`): read the configuration, set up logs, run
 //! the node until a signal; a start-up failure is one line on stderr (exit 2 for
 //! configuration, 1 otherwise). With a subcommand: an operator's client (see `--help`).
+//! Runs on the main thread; the node's own threads are started by [`node::run`].
 
 use clap::Parser;
 use distributed_cache::{cli, config::Config, node, observability};

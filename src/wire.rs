@@ -1,6 +1,7 @@
 //! Conversions between the peer protocol's wire types (`pb`, proto/peer.proto) and the
 //! engine's replica entries: the one place that knows both, used by the cores serving replica
-//! calls, the peer client and anti-entropy. Pure functions.
+//! calls, the peer client and anti-entropy. Pure functions, called on the cores and on the
+//! control plane.
 
 use crate::{
     engine::{command::ReplicaEntry, core::KeyVersion, hlc::Version},

@@ -1,5 +1,5 @@
 //! Frames (RFC 9113, section 4 and 6): their numbers, their 9-byte header, and the frames
-//! small enough to be written whole in one call.
+//! small enough to be written whole in one call. Pure; called on each connection's thread.
 
 /// What a client sends before anything else.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -12,6 +12,8 @@
 //! - [`server`]: a server connection as a state machine with no I/O of its own (bytes in,
 //!   requests and their bodies out as events, replies written as the owner gives them), its
 //!   bounds against hostile clients, and [`server::serve`], its driver on a glommio executor.
+//!
+//! Each connection and its driver run on one thread, that of the executor it was made on.
 
 pub mod client;
 pub mod frame;

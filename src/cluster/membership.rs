@@ -1,5 +1,5 @@
 //! Membership: SWIM failure detection and dissemination by foca, over UDP on the node's own
-//! port, driven from the side thread's tokio runtime (foca does no I/O of its own). This module
+//! port, driven from the control plane's tokio runtime (foca does no I/O of its own). This module
 //! keeps the table the ring is built from:
 //!
 //! - a member foca reports up is ALIVE; one it suspects is SUSPECT; one it declares down is
@@ -264,8 +264,6 @@ pub struct MembershipSettings {
     pub replication_factor: usize,
 }
 
-/// Runs membership on the current tokio runtime, forever. `on_ring` is called with every new
-/// ring, `on_health` with the members' states whenever one changes (SUSPECT, DOWN, back up).
 /// How long foca's suspicion of each member has lasted, to end the ones whose timer foca
 /// dropped. foca discards every pending timer when it goes through a state of its own (a
 /// peer told it that it was down, during a cut; it renews its identity and reconnects), and
@@ -315,6 +313,8 @@ impl Suspicions {
     }
 }
 
+/// Runs membership on the current tokio runtime, forever. `on_ring` is called with every new
+/// ring, `on_health` with the members' states whenever one changes (SUSPECT, DOWN, back up).
 pub async fn start(
     settings: MembershipSettings,
     socket: UdpSocket,

@@ -1,8 +1,9 @@
 //! Coordination as plans: what a client write or read does with its replicas, decided from
 //! events (an answer, a failure, a timer) and nothing else. Pure: no I/O, no clock of their
 //! own (`now` is passed in), so every path is unit-tested with a fake clock. The coordinator
-//! ([`super::coordinator`]) drives them: it performs the calls a plan asks for through a
-//! [`super::transport::PeerTransport`], feeds the answers back and acts on the outcome.
+//! ([`super::coordinator`]) drives them, on the core that owns the key: it performs the calls
+//! a plan asks for through a [`super::transport::PeerTransport`], feeds the answers back and
+//! acts on the outcome.
 //!
 //! Replicas are named by their index in the list the coordinator planned with (live ones in
 //! asking order, see `Coordinator::rank`); a request waits on at most 64 of them

@@ -1,6 +1,6 @@
 //! Quorum logic, pure: how many replicas a request needs, when a set of answers decides it,
-//! and which answer wins a read and which replicas need repair. The coordinator
-//! ([`super::coordinator`]) feeds it answers as they arrive and acts on its decisions.
+//! and which answer wins a read and which replicas need repair. The plans ([`super::plan`])
+//! feed it answers as they arrive, on the core that coordinates the request.
 
 use crate::engine::hlc::Version;
 

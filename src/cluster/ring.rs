@@ -1,7 +1,7 @@
 //! The consistent-hash ring: each node owns `vnodes` points on a 64-bit circle, a key belongs to
 //! the first `replication_factor` distinct nodes clockwise from its hash. Pure data; every core
-//! holds its own copy (replaced by message when membership changes), so reading it takes no
-//! lock.
+//! holds its own copy (replaced when membership changes, see [`super::views`]), so reading it
+//! takes no lock.
 //!
 //! Positions use xxh3 with fixed seeds: every node of every build computes the same replica set
 //! for a key once membership has converged.

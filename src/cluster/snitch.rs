@@ -2,7 +2,8 @@
 //! snitch and adaptive speculative retry, as Cassandra and Scylla have them. Each core keeps
 //! its own [`PeerLatency`] per peer (plain data beside its peer connections: no lock, no
 //! sharing) fed by every call it makes, and its own copy of the failure detector's verdicts
-//! ([`super::membership::Health`], published by the control plane on every change). Pure: callers pass `now`.
+//! ([`super::membership::Health`], published by the control plane on every change). Pure:
+//! callers pass `now`.
 //!
 //! A peer that stops answering gives no latency samples, so a score made of samples alone
 //! would keep sending reads to a dead replica until its calls time out. The score therefore

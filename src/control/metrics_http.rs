@@ -1,6 +1,6 @@
 //! The node's figures: gathered from every core by message plus what the control plane holds
 //! itself (members, data movement), for the Prometheus endpoint served here and for
-//! NodeService.Stats.
+//! NodeService.Stats. Runs on the control plane; the cores only take their own snapshots.
 
 use super::cores::Cores;
 use crate::{

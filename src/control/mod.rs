@@ -4,7 +4,7 @@
 //! path: the cores forward the gRPC methods they do not serve themselves over a channel
 //! ([`crate::ingress::Forwarder`]), the control plane asks the cores what it needs through
 //! [`cores::Cores`], and publishes the ring, health verdicts and syncing buckets to them
-//! ([`crate::cluster::coordinator::ClusterViews`]).
+//! ([`crate::cluster::views::ClusterViews`]).
 //!
 //! - [`cores`]: the typed questions to one core or every core.
 //! - [`node_service`]: NodeService (Stats, Layout, Members).

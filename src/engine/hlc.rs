@@ -14,7 +14,7 @@ pub struct Version {
 /// writes to one key by their clocks alone, and a write acknowledged before another began is
 /// at least a network round trip (tens of microseconds) older. In one millisecond both could
 /// draw the same physical part and be ordered by logical counters and node ids instead, which
-/// lost the later write (a stale QUORUM read). 12 logical bits still give 4096 versions per
+/// can lose the later write (a stale QUORUM read). 12 logical bits still give 4096 versions per
 /// microsecond per core, and 52 physical bits last until 2112. Cassandra's timestamps are
 /// microseconds for the same reason.
 pub const LOGICAL_BITS: u32 = 12;

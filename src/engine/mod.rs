@@ -1,8 +1,10 @@
 //! The cache engine: what a request is, how one shard stores entries, the clock that versions
-//! them, and what each core runs to serve the shards it owns.
+//! them, and what each core runs to serve the shards it owns. All of it runs on the core that
+//! owns the shard: other cores reach it over the mesh, the control plane by `executors::Sharded`.
 //!
 //! - [`command`]: the internal request and reply types (no prost types past ingress).
-//! - [`shard`]: one shard's map, eviction order and TTLs; synchronous, runtime-free, `now` passed in.
+//! - [`shard`]: one shard's map, eviction order and TTLs; synchronous, runtime-free, `now`
+//!   passed in.
 //! - [`entry`]: the one-allocation entry layout the shard stores.
 //! - [`slab`]: the cells entries are allocated from, per shard.
 //! - [`hlc`]: hybrid logical clock versions.

@@ -3,17 +3,16 @@
 //! request buffers a core allocates and frees between two Sets land between entries and leave
 //! holes: 8 bytes per entry at 1M entries. Here those buffers stay out of the pages.
 //!
-//! Why 16 and not 8: 8-byte classes would put a 135-byte entry in 136 bytes instead of 144
-//! (another 8 MB at 1M entries), but measured 40-70 ns slower per get and overwrite in the
-//! shard micro-benchmark (criterion, alternated four times with the 16-byte layout) for reasons
-//! the machine could not show us (no perf counters); 16-byte classes measured level with malloc.
+//! Why 16 and not 8: 8-byte classes would put a 135-byte entry in 136 bytes instead of 144,
+//! but made the shard's gets and overwrites slower, where 16-byte classes cost no more than
+//! malloc (see bench/RESULTS.md).
 //!
 //! The pages come from one address range reserved per shard at creation (`MAP_NORESERVE`: it
 //! costs address space, not memory). A page whose last cell is freed goes back to the system
 //! (`MADV_DONTNEED`) and to a pool any size class can reuse, so a shift in value sizes does not
 //! strand memory in the old classes (memcached's "calcification") once their entries are gone.
-//! When the range is used up, or for a larger entry, the caller falls back to malloc; [`Slab::owns`]
-//! tells the two apart when the entry is freed.
+//! When the range is used up, or for a larger entry, the caller falls back to malloc;
+//! [`Slab::owns`] tells the two apart when the entry is freed.
 //!
 //! Single-threaded: the owning core's shard is the only user.
 

@@ -148,8 +148,8 @@ impl grpc::server::Service for Rc<CoreCtx> {
 }
 
 /// Accepts connections on `listener` (the shared ADDR) and `steered` (this core's shard-aware
-/// port) until `shutdown`, serving each on this core; then waits until `drain_deadline` for
-/// the open ones to finish. Returns how many were still open, and that deadline.
+/// port) until `shutdown`, serving each on this core; then waits up to `drain_timeout` for
+/// the open ones to finish. Returns how many were still open, and the deadline it waited until.
 pub async fn serve_listeners(
     ctx: Rc<CoreCtx>,
     listener: glommio::net::TcpListener,

@@ -21,7 +21,7 @@ use std::{
 };
 
 /// Questions the control plane may have queued on one core: a scrape, an anti-entropy step,
-/// a few forwarded calls at once; more wait for room.
+/// the peer-control calls in flight; more wait for room.
 const CONTROL_QUEUE_DEPTH: usize = 64;
 
 /// Shards the node will run: NUM_SHARDS, raised to the core count when lower, because a core

@@ -1,7 +1,7 @@
 //! Metrics: each core counts into its own plain counters (no atomics, no locks: the core is
 //! the only writer), and a scrape gathers a [`CoreSnapshot`] from every core by message and
-//! renders them with prometheus-client on the side thread. Counting runs on every core's
-//! executor; gathering and rendering run on the side thread.
+//! renders them with prometheus-client on the control plane. Counting runs on every core's
+//! executor; gathering and rendering run on the control plane.
 
 use crate::engine::shard::ShardStats;
 use prometheus_client::{
@@ -211,7 +211,7 @@ pub struct CoreSnapshot {
 #[derive(Debug, Default)]
 pub struct NodeSnapshot {
     pub cores: Vec<CoreSnapshot>,
-    /// Anti-entropy and data movement, node-wide (they run on the side thread).
+    /// Anti-entropy and data movement, node-wide (they run on the control plane).
     pub data_movement: crate::cluster::antientropy::Counts,
     /// (state, number of members in it), this node included.
     pub members: Vec<(&'static str, u64)>,

@@ -3,7 +3,8 @@
 //! - [`metrics`]: per-core counters, gathered by message and rendered for Prometheus.
 //!
 //! Logging: `tracing` to stderr, JSON lines by default (as the original's zerolog), a human
-//! format with LOG_FORMAT=text, the level from RUST_LOG (default info). Set up once by main.
+//! format with LOG_FORMAT=text, the level from RUST_LOG (default info). Set up once by main,
+//! on the main thread, before any other thread starts.
 
 pub mod metrics;
 

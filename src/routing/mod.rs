@@ -2,7 +2,7 @@
 //! port that lands a connection on a given core. Pure functions, used on every core.
 //!
 //! The shard hash must give the same answer in every process and build (a restarted node, and
-//! later every node of a cluster, must agree), so it is xxh3 with a fixed seed. ahash is not:
+//! every node of a cluster, must agree), so it is xxh3 with a fixed seed. ahash is not:
 //! it uses AES instructions where the CPU has them, and its output may change between
 //! versions. ahash remains the hasher inside each shard's map, where only speed matters.
 

@@ -7,6 +7,8 @@
 //! **core = source port mod cores**. A client that binds its source port before connecting
 //! (peers, for their replica calls) reaches the core that owns the keys it carries, so a
 //! replica never hops; a client that does not lands on a core as evenly as with ADDR.
+//! The listeners are made on the main thread at start; a peer's connect runs on its core
+//! executor's blocking thread.
 //!
 //! Why this and not a port per core: one port to open in a firewall and to advertise, however
 //! many cores; and why not eBPF: a classic program needs no verifier-friendly toolchain or

@@ -279,7 +279,7 @@ impl Connection {
             .is_none_or(|s| s.done.is_some() || !s.response.body.is_empty())
     }
 
-    /// Streams with news since the last call (each at most... possibly more than once).
+    /// Streams with news since the last call, a stream possibly more than once.
     pub fn changed(&mut self) -> std::vec::Drain<'_, u32> {
         self.changed.drain(..)
     }

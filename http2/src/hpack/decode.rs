@@ -1,4 +1,5 @@
-//! HPACK decoding (RFC 7541): the header blocks a peer sends.
+//! HPACK decoding (RFC 7541): the header blocks a peer sends. One decoder per connection, on
+//! that connection's thread; the Huffman tree is built once and shared read-only.
 //!
 //! Ours because the crates on offer cost more than the rest of a request: loona-hpack builds a
 //! hash map of the whole Huffman code for every Huffman-coded string it decodes (a client's
@@ -485,7 +486,7 @@ mod tests {
 
     mod fuzz {
         //! Property tests with a fixed budget in CI; for long runs, raise it:
-        //! `PROPTEST_CASES=200000 cargo test --release --lib hpack::tests::fuzz`.
+        //! `PROPTEST_CASES=200000 cargo test -p http2 --release --lib hpack::decode::tests::fuzz`.
         use super::*;
         use proptest::prelude::*;
 

@@ -3,6 +3,7 @@
 //! status that is almost always the same): each goes into the peer's dynamic table the first
 //! time and is one byte after that. Every other field is a literal the peer does not index,
 //! so the table never holds more than those fields and nothing is ever evicted from it.
+//! One encoder per connection, on that connection's thread.
 
 use crate::frame;
 

@@ -42,11 +42,9 @@ pub enum Ended {
 }
 
 /// How long finished replies may wait for answers still on their way, so that those come
-/// in the same send (see `App::answers_pending`). With two cores, sending each core's
-/// answers as they came doubled the sends per request (6 requests per send against 13 on one
-/// core, under strace) and with them the kernel's and the client's work per request. 200 us
-/// gave 12% more throughput than 50 us at 16 x 16 (bench/RESULTS.md); a connection with one
-/// call in flight never waits, and under that load a reply's latency is milliseconds.
+/// in the same send (see `App::answers_pending`): on two cores, sending each core's answers
+/// as they came doubled the sends, and the kernel's and client's work, per request (see
+/// bench/RESULTS.md). A connection with one call in flight never waits.
 const HOLD: Duration = Duration::from_micros(200);
 /// Output beyond which nothing is held.
 const HOLD_MAX: usize = 64 * 1024;

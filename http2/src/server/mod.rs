@@ -256,8 +256,8 @@ impl<T: Default> Connection<T> {
         }
     }
 
-    /// True once nothing is left to do but close: after an error's GOAWAY, or after a
-    /// graceful one once every stream it let through has ended. `gracefully` tells which.
+    /// Some once nothing is left to do but close: Some(false) after an error's GOAWAY,
+    /// Some(true) after a graceful one once every stream it let through has ended.
     pub fn finished(&self) -> Option<bool> {
         match self.going_away {
             Some((_, true)) => Some(false),

@@ -1,5 +1,5 @@
 //! The plans against scripted answers and a fake clock: every path of a quorum write and a
-//! quorum read, with no network and no sleep.
+//! quorum read, with no network and no sleep: plain unit tests, on the test harness's thread.
 
 use super::*;
 use crate::engine::hlc::Version;

@@ -1,4 +1,4 @@
-//! Unit tests of `shard`.
+//! Unit tests of `shard`: plain, no executor, each on the test harness's thread.
 
 use super::*;
 use crate::engine::entry::entry_len;

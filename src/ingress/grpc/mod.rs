@@ -1,12 +1,12 @@
 //! The `pb.CacheService` and `pb.PeerService` methods on one core: validate the decoded
 //! message, route to the owning core (in place when it is this one, else one mesh hop), and
 //! hand the reply message back to the connection, which encodes it straight into its write
-//! buffer. The only module that sees prost types besides the HTTP/2 connection. Runs on every
+//! buffer. A request's prost types stop here: the engine gets plain commands. Runs on every
 //! core's executor; nothing here locks, logs per request or allocates beyond the decoded
 //! message, the call's future and the reply.
 //!
-//! [`client`] is the other direction: unary calls to another node over the `http2` crate's
-//! client.
+//! [`server`] runs the connections; the other direction, unary calls to another node over the
+//! `http2` crate's client, is [`crate::cluster::peer::unary`].
 
 pub mod server;
 
@@ -49,7 +49,7 @@ pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
 /// gRPC's length-prefixed message header: a compression flag and a big-endian length.
 pub const PREFIX: usize = 5;
 
-/// The unary methods a core answers itself; any other path goes to the side thread.
+/// The unary methods a core answers itself; any other path goes to the control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     Get,
@@ -141,8 +141,8 @@ impl<M: prost::Message> EncodeInto for M {
 pub type Call = Pin<Box<dyn Future<Output = Result<Answer, Status>>>>;
 
 /// Starts a unary call on its request message (without the prefix), decoded here from the
-/// connection's receive buffer. `cmd` is None for node-to-node calls, which are neither rate
-/// limited nor counted as client requests.
+/// connection's receive buffer. Node-to-node calls (ReplicaWrite, ReplicaRead) are neither
+/// rate limited nor counted as client requests.
 pub fn start(
     ctx: &Rc<CoreCtx>,
     method: Method,

@@ -2,8 +2,9 @@
 //! it. The crate knows HTTP/2; this knows which requests are our unary methods (answered on
 //! this core: the request message is decoded where it lies in the receive buffer when it came
 //! in one DATA frame, and the reply, headers, message and trailers, is encoded straight into
-//! the connection's output), and forwards everything else (reflection, health, Stats) as an
-//! `http::Request` to tonic on the side thread, streaming its response back.
+//! the connection's output), and forwards everything else (reflection, health, NodeService,
+//! PeerService's control methods) as an `http::Request` to tonic on the control plane,
+//! streaming its response back.
 //!
 //! Why not hyper: under callgrind, hyper's HTTP/2 server was four fifths of the node's
 //! instructions per request (a connection task and a task per stream, each request's headers
@@ -12,7 +13,7 @@
 //! The bounds of the protocol are the crate's ([`http2::server`]); those of gRPC are here:
 //! reply bytes a client leaves unread (per connection and per core: a call's answer is then
 //! RESOURCE_EXHAUSTED), forwarded requests per connection, and forwarded bodies (their
-//! window granted as the side thread consumes them).
+//! window granted as the control plane consumes them).
 
 use super::{Answer, Call, Method, PREFIX};
 use bytes::Bytes;
@@ -31,7 +32,7 @@ use tonic::{body::Body, Status};
 
 pub use h2::{Ended, MAX_STREAMS};
 
-/// Requests forwarded to the side thread at once per connection (reflection, health, Stats): a
+/// Requests forwarded to the control plane at once per connection (reflection, health, Stats): a
 /// few are all a real client opens, and each may buffer up to a stream window of request body.
 const MAX_FORWARDED: usize = 16;
 
@@ -115,7 +116,7 @@ impl Event {
 pub trait Service {
     /// Starts a unary call on its request message (without the gRPC prefix).
     fn call(&self, method: Method, message: &[u8], deadline: Instant, start: Instant) -> Call;
-    /// Serves any other request elsewhere (the side thread).
+    /// Serves any other request elsewhere (the control plane).
     fn forward(&self, req: http::Request<Body>) -> Forwarded;
     /// MAX_RECV_MSG_SIZE.
     fn max_recv_msg_bytes(&self) -> usize;
@@ -174,7 +175,7 @@ pub struct State {
     out: Out,
 }
 
-/// How much of a forwarded request's body the side thread has consumed, so that its window
+/// How much of a forwarded request's body the control plane has consumed, so that its window
 /// is granted as the receiver reads, not as bytes arrive.
 #[derive(Default)]
 struct SideFlow {
@@ -191,7 +192,7 @@ enum Recv {
         start: Instant,
         held: Vec<u8>,
     },
-    /// A request the side thread serves: its body's sender, how much of it was consumed, and
+    /// A request the control plane serves: its body's sender, how much of it was consumed, and
     /// how much of that was given back to the client.
     Side(
         tokio::sync::mpsc::UnboundedSender<Bytes>,
@@ -208,9 +209,9 @@ enum Out {
     /// Waiting for the call's answer.
     #[default]
     Waiting,
-    /// Waiting for the side thread's response (dropping it cancels the forwarded request).
+    /// Waiting for the control plane's response (dropping it cancels the forwarded request).
     Forwarded(Forwarded),
-    /// The side thread's response body, polled for its next frame.
+    /// The control plane's response body, polled for its next frame.
     Body(Body),
     /// Nothing more to send.
     Done,
@@ -224,7 +225,7 @@ pub struct Grpc<S: Service> {
     /// answered on this core at once costs no more than that poll.
     fresh: Vec<(u32, Call)>,
     calls: FuturesUnordered<Tagged<Call>>,
-    /// Streams waiting for the side thread's response.
+    /// Streams waiting for the control plane's response.
     forwarded: Vec<u32>,
     /// Streams whose response body is polled for more.
     bodies: Vec<u32>,
@@ -560,7 +561,7 @@ impl<S: Service> Grpc<S> {
             }
             Recv::Side(tx, _, _) => {
                 if !data.is_empty() {
-                    // The side thread may be gone (shutting down): its response says so.
+                    // The control plane may be gone (shutting down): its response says so.
                     let _ = tx.send(Bytes::copy_from_slice(data));
                 }
                 if end {
@@ -678,7 +679,7 @@ impl<S: Service> Grpc<S> {
     }
 }
 
-/// Gives a forwarded request's window back as the side thread consumes its body.
+/// Gives a forwarded request's window back as the control plane consumes its body.
 fn grant_consumed(conn: &mut Connection<State>, id: u32, cx: &mut Context<'_>) {
     let Some(State {
         recv: Recv::Side(_, flow, granted),
@@ -788,7 +789,7 @@ fn message_of(held: &[u8], limit: usize, end: bool) -> Result<&[u8], Status> {
     }
 }
 
-/// The body of a request forwarded to the side thread, fed by the connection; what it hands
+/// The body of a request forwarded to the control plane, fed by the connection; what it hands
 /// on counts as consumed, and wakes the connection to grant the window back.
 struct RequestBody {
     rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,

@@ -1,4 +1,4 @@
-//! Unit tests of `server`.
+//! Unit tests of `server`: plain, no executor, no socket, each on the test harness's thread.
 
 use super::*;
 use crate::pb;
