@@ -26,7 +26,7 @@ use crate::{
         core::{KeyVersion, Leaves},
         hlc::Version,
     },
-    pb::{self, peer_service_client::PeerServiceClient},
+    pb,
     routing::buckets::{BucketSet, BUCKETS},
     wire,
 };
@@ -41,7 +41,6 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 /// Entries whose keys are listed in one call (a batch holds at least one bucket): each list
 /// scans the cores' entries once, so batches are as large as a bounded message allows.
@@ -50,7 +49,7 @@ const KEYS_PER_LIST: u64 = 50_000;
 const ENTRIES_PER_BATCH: usize = 512;
 const BYTES_PER_BATCH: usize = 1 << 20;
 /// Deadline of one anti-entropy call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest message an anti-entropy call may carry either way.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -156,58 +155,6 @@ pub trait RemoteReplicas: Send + Sync + 'static {
     ) -> impl Future<Output = Result<pb::ApplyAck, tonic::Status>> + Send;
 }
 
-/// The real [`RemoteReplicas`]: tonic clients on the control plane's runtime, one per peer,
-/// connected lazily.
-#[derive(Default)]
-pub struct TonicPeers {
-    clients: tokio::sync::Mutex<HashMap<String, PeerServiceClient<Channel>>>,
-}
-
-impl TonicPeers {
-    async fn client(&self, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
-        }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        let c = PeerServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        clients.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-}
-
-impl RemoteReplicas for TonicPeers {
-    async fn digests(
-        &self,
-        peer: &str,
-        req: pb::DigestRequest,
-    ) -> Result<pb::DigestReply, tonic::Status> {
-        Ok(self.client(peer).await?.digests(req).await?.into_inner())
-    }
-
-    async fn keys(&self, peer: &str, req: pb::KeysRequest) -> Result<pb::KeysReply, tonic::Status> {
-        Ok(self.client(peer).await?.keys(req).await?.into_inner())
-    }
-
-    async fn fetch(
-        &self,
-        peer: &str,
-        req: pb::FetchRequest,
-    ) -> Result<pb::EntryBatch, tonic::Status> {
-        Ok(self.client(peer).await?.fetch(req).await?.into_inner())
-    }
-
-    async fn apply(&self, peer: &str, req: pb::EntryBatch) -> Result<pb::ApplyAck, tonic::Status> {
-        Ok(self.client(peer).await?.apply(req).await?.into_inner())
-    }
-}
-
 /// How a replica answers anti-entropy's calls from what it holds: served by the control plane
 /// (PeerService), and by the in-memory peers of the tests.
 pub mod answer {
@@ -304,7 +251,7 @@ struct SyncOutcome {
     pushed: usize,
 }
 
-pub struct AntiEntropy<L, R = TonicPeers> {
+pub struct AntiEntropy<L, R> {
     settings: Settings,
     local: L,
     remote: R,

@@ -1,9 +1,10 @@
 //! Leaving the cluster gracefully: tell the other members (so they drop this node from their
 //! rings at once, without waiting for the failure detector), then push everything this node
-//! holds to the nodes taking over its buckets. Called from the node's main thread at shutdown;
-//! the work runs on the control plane's runtime, bounded in time.
+//! holds to the nodes taking over its buckets. Both go out on the cores' peer clients. Called
+//! from the node's main thread at shutdown; the work runs on the control plane's runtime,
+//! bounded in time.
 
-use super::ControlPlane;
+use super::{peers::CorePeers, ControlPlane};
 use crate::{
     cluster::{membership::MemberState, membership::MembershipCmd, ring::Ring},
     pb,
@@ -12,24 +13,19 @@ use std::{sync::Arc, time::Duration, time::Instant};
 use tokio::sync::oneshot;
 
 /// Tells every other member this node is leaving, best effort, at most `timeout`.
-async fn announce_leave(me: String, peers: Vec<String>, timeout: Duration) {
-    let calls = peers.into_iter().map(|peer| {
-        let me = me.clone();
+async fn announce_leave(
+    peers: Arc<CorePeers>,
+    me: String,
+    members: Vec<String>,
+    timeout: Duration,
+) {
+    let calls = members.iter().map(|member| {
+        let notice = pb::LeaveNotice { addr: me.clone() };
+        let peers = Arc::clone(&peers);
         async move {
-            let call = async {
-                let channel = tonic::transport::Endpoint::from_shared(format!("http://{peer}"))
-                    .ok()?
-                    .connect_timeout(timeout)
-                    .timeout(timeout)
-                    .connect()
-                    .await
-                    .ok()?;
-                pb::peer_service_client::PeerServiceClient::new(channel)
-                    .leave(pb::LeaveNotice { addr: me })
-                    .await
-                    .ok()
-            };
-            let _ = tokio::time::timeout(timeout, call).await;
+            let _: Result<pb::LeaveAck, _> = peers
+                .call(member, "/pb.PeerService/Leave", notice, timeout)
+                .await;
         }
     });
     futures_util::future::join_all(calls).await;
@@ -54,10 +50,11 @@ impl ControlPlane {
         let (done_tx, done_rx) = oneshot::channel();
         let _ = self.membership.send(MembershipCmd::Leave(done_tx));
         let me = self.me.clone();
+        let calls = Arc::clone(&self.peers);
         let (finished_tx, finished_rx) = std::sync::mpsc::channel();
         self.runtime.spawn(async move {
             let _ = tokio::time::timeout(timeout, done_rx).await;
-            announce_leave(me, peers, timeout).await;
+            announce_leave(calls, me, peers, timeout).await;
             let _ = finished_tx.send(());
         });
         let _ = finished_rx.recv_timeout(timeout * 2);

@@ -18,6 +18,7 @@ pub mod leave;
 pub mod metrics_http;
 pub mod node_service;
 pub mod peer_service;
+pub mod peers;
 
 use crate::{
     cluster::{
@@ -31,6 +32,7 @@ use crate::{
 };
 use cores::Cores;
 use metrics_http::Gatherer;
+use peers::CorePeers;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -70,7 +72,9 @@ pub struct ControlPlane {
     health: HealthReporter,
     membership: mpsc::UnboundedSender<MembershipCmd>,
     view: SharedView,
-    anti_entropy: Arc<AntiEntropy<Cores>>,
+    anti_entropy: Arc<AntiEntropy<Cores, CorePeers>>,
+    /// Calls to other nodes, made on the cores.
+    peers: Arc<CorePeers>,
     vnodes: u32,
     replication_factor: usize,
     me: String,
@@ -185,6 +189,7 @@ impl ControlPlane {
             ring: Ring::clone(&views.ring.borrow()),
         }));
         let counters = Arc::new(antientropy::Counters::default());
+        let peers = Arc::new(CorePeers::new(cores.clone()));
         let anti_entropy = Arc::new(AntiEntropy::new(
             antientropy::Settings {
                 me: settings.me.clone(),
@@ -192,7 +197,7 @@ impl ControlPlane {
                 transition: settings.transition,
             },
             cores.clone(),
-            antientropy::TonicPeers::default(),
+            CorePeers::new(cores.clone()),
             Arc::clone(&counters),
             views.syncing,
         ));
@@ -278,6 +283,7 @@ impl ControlPlane {
             membership: membership_tx,
             view,
             anti_entropy,
+            peers,
             vnodes: settings.vnodes,
             replication_factor: settings.replication_factor,
             me: settings.me,

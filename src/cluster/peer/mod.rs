@@ -45,6 +45,12 @@ pub struct PeerClients {
     calls: RefCell<HashMap<String, PeerCalls>>,
     /// Bytes on the wire of every connection above, both ways.
     meter: Rc<Meter>,
+    /// Connections for the control plane's bulk calls (anti-entropy, hand-off, leave), one per
+    /// peer, to its ADDR: apart from the replica connections, so a megabyte batch neither
+    /// waits replica calls behind its flow-control window nor counts as replica bytes or as a
+    /// latency sample of the peer.
+    bulk: RefCell<HashMap<String, Client>>,
+    bulk_meter: Rc<Meter>,
 }
 
 /// This core's connections to one peer.
@@ -118,12 +124,18 @@ async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 impl PeerClients {
-    async fn connect(&self, addr: &str, deadline: Instant) -> Result<Client, Status> {
+    /// Dials `addr`'s ADDR, counting its bytes on `meter`.
+    async fn connect(
+        &self,
+        addr: &str,
+        deadline: Instant,
+        meter: &Rc<Meter>,
+    ) -> Result<Client, Status> {
         let dial = async {
             let sockaddr = resolve(addr)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-            Client::connect_metered(sockaddr, &RECURRING, self.meter.clone())
+            Client::connect_metered(sockaddr, &RECURRING, Rc::clone(meter))
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))
         };
@@ -195,7 +207,7 @@ impl PeerClients {
         if let Some(c) = open {
             return Ok(c);
         }
-        let c = self.connect(addr, deadline).await?;
+        let c = self.connect(addr, deadline, &self.meter).await?;
         let ask = {
             let mut conns = self.conns.borrow_mut();
             let p = match conns.get_mut(addr) {
@@ -293,6 +305,45 @@ impl PeerClients {
     /// it refuses calls meant for this peer).
     fn forget(&self, addr: &str) {
         self.conns.borrow_mut().remove(addr);
+    }
+
+    /// A control-plane call to `addr` (PeerService's Leave, Digests, Keys, Fetch, Apply) on
+    /// this core's bulk connection to it, answers up to `max_reply` bytes. A connection that
+    /// failed or refused the call is dropped and the next call dials again.
+    pub async fn bulk_call<M, R>(
+        &self,
+        addr: &str,
+        path: &'static str,
+        msg: M,
+        deadline: Instant,
+        max_reply: usize,
+    ) -> Result<R, Status>
+    where
+        M: prost::Message,
+        R: prost::Message + Default,
+    {
+        let existing = self.bulk.borrow().get(addr).cloned();
+        let client = match existing {
+            Some(client) => client,
+            None => {
+                let client = self.connect(addr, deadline, &self.bulk_meter).await?;
+                self.bulk
+                    .borrow_mut()
+                    .insert(addr.to_string(), client.clone());
+                client
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = unary(&client, addr, path, &msg, left, max_reply).await;
+        if let Err(status) = &result {
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+            ) {
+                self.bulk.borrow_mut().remove(addr);
+            }
+        }
+        result
     }
 
     async fn unary<M, R>(
