@@ -57,6 +57,26 @@ impl Cores {
         per_core
     }
 
+    /// Runs `scan` over `buckets` on every core and folds the answers with `reduce`.
+    async fn scan_all<R, A, F, Fut>(
+        &self,
+        buckets: &BucketSet,
+        scan: F,
+        init: A,
+        reduce: impl FnMut(A, R) -> A,
+    ) -> Result<A, Unanswered>
+    where
+        R: Send + 'static,
+        F: Fn(Rc<CoreCtx>, Arc<BucketSet>) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        let buckets = Arc::new(buckets.clone());
+        let per_core = move |ctx| scan(ctx, Arc::clone(&buckets));
+        self.sharded
+            .map_reduce(SCAN_TIMEOUT, per_core, init, reduce)
+            .await
+    }
+
     /// Sends each core its share of `items` at once and gathers the answers; fails when a
     /// core with a share does not answer.
     async fn each_core<T, R, F, Fut>(
@@ -108,21 +128,14 @@ impl LocalReplica for Cores {
     }
 
     async fn list(&self, buckets: &BucketSet) -> Result<Vec<KeyVersion>, Unanswered> {
-        let buckets = Arc::new(buckets.clone());
-        self.sharded
-            .map_reduce(
-                SCAN_TIMEOUT,
-                move |ctx| {
-                    let buckets = Arc::clone(&buckets);
-                    async move { ctx.engine.list(&buckets).await }
-                },
-                Vec::new(),
-                |mut all, core| {
-                    all.extend(core);
-                    all
-                },
-            )
-            .await
+        let scan = |ctx: Rc<CoreCtx>, buckets: Arc<BucketSet>| async move {
+            ctx.engine.list(&buckets).await
+        };
+        self.scan_all(buckets, scan, Vec::new(), |mut all, core| {
+            all.extend(core);
+            all
+        })
+        .await
     }
 
     async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<ReplicaEntry>, Unanswered> {
@@ -148,17 +161,10 @@ impl LocalReplica for Cores {
     }
 
     async fn drop_buckets(&self, buckets: &BucketSet) -> Result<usize, Unanswered> {
-        let buckets = Arc::new(buckets.clone());
-        self.sharded
-            .map_reduce(
-                SCAN_TIMEOUT,
-                move |ctx| {
-                    let buckets = Arc::clone(&buckets);
-                    async move { ctx.engine.drop_buckets(&buckets).await }
-                },
-                0,
-                |all, core| all + core,
-            )
+        let scan = |ctx: Rc<CoreCtx>, buckets: Arc<BucketSet>| async move {
+            ctx.engine.drop_buckets(&buckets).await
+        };
+        self.scan_all(buckets, scan, 0, |all, core| all + core)
             .await
     }
 }

@@ -369,6 +369,7 @@ async fn join_and_graceful_leave_under_a_writer() {
     let (mut nodes, mut addrs) = cluster(3, &[]).await;
     let mut c1 = nodes[0].client().await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
     let writer = {
         let stop = stop.clone();
         let mut c = c1.clone();
@@ -381,12 +382,14 @@ async fn join_and_graceful_leave_under_a_writer() {
                 }
                 match c.set(set(&format!("live-{i}"), "v")).await {
                     Ok(_) => ok += 1,
-                    Err(e) => failed.push(e),
+                    // When, and which key: a failure is placed against the timeline below.
+                    Err(e) => failed.push((started.elapsed(), format!("live-{i}"), e)),
                 }
             }
             (ok, failed)
         })
     };
+    let mut timeline = Vec::new();
     // A 4th node joins.
     let a4 = format!("127.0.0.1:{}", free_cluster_port());
     let metrics4 = format!("127.0.0.1:{}", free_port());
@@ -394,6 +397,7 @@ async fn join_and_graceful_leave_under_a_writer() {
     addrs.push(a4);
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, &addrs).await;
+    timeline.push((started.elapsed(), "all four converged"));
     // One topology change at a time, as an operator would: until the joiner has received
     // its buckets its acknowledgements do not count toward a quorum, so a leave meanwhile
     // could leave a key's write with too few settled replicas.
@@ -406,10 +410,12 @@ async fn join_and_graceful_leave_under_a_writer() {
         },
     )
     .await;
+    timeline.push((started.elapsed(), "the joiner settled; node 2 leaves"));
     // Node 2 leaves gracefully.
     nodes[1].signal(libc::SIGTERM);
     let status = nodes[1].wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
+    timeline.push((started.elapsed(), "node 2 exited"));
     let gone = addrs[1].clone();
     wait_until(
         Duration::from_secs(10),
@@ -430,7 +436,7 @@ async fn join_and_graceful_leave_under_a_writer() {
     assert!(ok > 100, "{ok} writes");
     assert!(
         failed.is_empty(),
-        "writes failed during join/leave: {failed:?}"
+        "writes failed during join/leave: {failed:?}; timeline {timeline:?}"
     );
 }
 
