@@ -46,18 +46,17 @@ pub struct Inbox<T> {
     rx: mpsc::Receiver<Job<T>>,
 }
 
-/// An ask that was queued on a core; [`Pending::answer`] waits for its answer.
+/// An ask sent to a core; [`Pending::answer`] waits for its answer.
 pub struct Pending<R> {
     core: usize,
     deadline: Instant,
-    reply_rx: Option<oneshot::Receiver<R>>,
+    /// Err: it was never queued, and why.
+    reply_rx: Result<oneshot::Receiver<R>, Unanswered>,
 }
 
 impl<R> Pending<R> {
     pub async fn answer(self) -> Result<R, Unanswered> {
-        let Some(reply_rx) = self.reply_rx else {
-            return Err(Unanswered::Gone(self.core));
-        };
+        let reply_rx = self.reply_rx?;
         match tokio::time::timeout_at(self.deadline.into(), reply_rx).await {
             Ok(Ok(r)) => Ok(r),
             // The core dropped the job: it stopped, or it saw the deadline pass first.
@@ -103,16 +102,18 @@ impl<T: 'static> Sharded<T> {
             })
         });
         let queued = match self.inboxes.get(core) {
-            Some(tx) => matches!(
-                tokio::time::timeout_at(deadline.into(), tx.send(job)).await,
-                Ok(Ok(()))
-            ),
-            None => false,
+            Some(tx) => match tokio::time::timeout_at(deadline.into(), tx.send(job)).await {
+                Ok(Ok(())) => Ok(reply_rx),
+                Ok(Err(_)) => Err(Unanswered::Gone(core)),
+                // Its queue stayed full until the deadline.
+                Err(_) => Err(Unanswered::Late(core)),
+            },
+            None => Err(Unanswered::Gone(core)),
         };
         Pending {
             core,
             deadline,
-            reply_rx: queued.then_some(reply_rx),
+            reply_rx: queued,
         }
     }
 
@@ -285,5 +286,22 @@ mod tests {
         });
         drop(cores);
         assert!(running.join().iter().all(|r| r.is_ok()));
+    }
+
+    #[test]
+    fn an_ask_to_a_full_queue_is_late_and_one_to_a_stopped_core_is_gone() {
+        // Nobody serves the inboxes: the one slot fills and stays full.
+        let (cores, inboxes) = sharded::<Counter>(1, 1);
+        tokio().block_on(async {
+            let deadline = Instant::now() + Duration::from_millis(50);
+            let first = cores.send(0, deadline, |c| async move { c.core }).await;
+            let second = cores.send(0, deadline, |c| async move { c.core }).await;
+            assert_eq!(second.answer().await, Err(Unanswered::Late(0)));
+            assert_eq!(first.answer().await, Err(Unanswered::Late(0)));
+            drop(inboxes);
+            let after = Instant::now() + Duration::from_secs(5);
+            let gone = cores.send(0, after, |c| async move { c.core }).await;
+            assert_eq!(gone.answer().await, Err(Unanswered::Gone(0)));
+        });
     }
 }
