@@ -495,35 +495,21 @@ impl<L: LocalReplica, R: RemoteReplicas> AntiEntropy<L, R> {
                 return false;
             }
         };
-        let mut orphans = BucketSet::default();
-        for (b, &n) in leaves.counts.iter().enumerate() {
-            if n > 0 && !ring.bucket_replicas(b).contains(&me) {
-                orphans.insert(b);
-            }
-        }
-        if orphans.is_empty() {
+        let plan = plan_hand_off(&leaves.counts, ring, me);
+        if plan.orphans.is_empty() {
             return true;
         }
         let mut all_acked = true;
-        for node in ring.nodes().iter().filter(|n| n.as_str() != me) {
-            let mut theirs = BucketSet::default();
-            for b in orphans.iter() {
-                if ring.bucket_replicas(b).contains(&node.as_str()) {
-                    theirs.insert(b);
-                }
-            }
-            if theirs.is_empty() {
-                continue;
-            }
+        for (node, theirs) in &plan.targets {
             // Push, then compare again: the second pass finds nothing to send once the replica
             // holds everything.
             let (mut first, mut again) = (SyncOutcome::default(), SyncOutcome::default());
             let pushed = self
-                .sync(node, &theirs, Direction::PushOnly, &mut first)
+                .sync(node, theirs, Direction::PushOnly, &mut first)
                 .await;
             let settled = match pushed {
                 Ok(()) => {
-                    self.sync(node, &theirs, Direction::PushOnly, &mut again)
+                    self.sync(node, theirs, Direction::PushOnly, &mut again)
                         .await
                 }
                 Err(status) => Err(status),
@@ -539,7 +525,8 @@ impl<L: LocalReplica, R: RemoteReplicas> AntiEntropy<L, R> {
             }
         }
         if all_acked && may_drop && ring.nodes().iter().any(|n| n != me) {
-            match self.local.drop_buckets(&orphans).await {
+            let orphans = &plan.orphans;
+            match self.local.drop_buckets(orphans).await {
                 Ok(dropped) => {
                     Counters::add(&self.counters.dropped, dropped);
                     tracing::info!(
@@ -596,6 +583,38 @@ impl<L: LocalReplica, R: RemoteReplicas> AntiEntropy<L, R> {
             self.round(&ring, settled).await;
         }
     }
+}
+
+/// What a hand-off moves, decided from what this node holds (`counts`, entries per bucket)
+/// and the ring it hands off to: the buckets it holds but does not replicate there, and for
+/// each other node the part of them that node replicates. Pure.
+pub struct HandOff {
+    pub orphans: BucketSet,
+    pub targets: Vec<(String, BucketSet)>,
+}
+
+pub fn plan_hand_off(counts: &[u32], ring: &Ring, me: &str) -> HandOff {
+    let mut orphans = BucketSet::default();
+    for (b, &n) in counts.iter().enumerate() {
+        if n > 0 && !ring.bucket_replicas(b).contains(&me) {
+            orphans.insert(b);
+        }
+    }
+    let mut targets = Vec::new();
+    if !orphans.is_empty() {
+        for node in ring.nodes().iter().filter(|n| n.as_str() != me) {
+            let mut theirs = BucketSet::default();
+            for b in orphans.iter() {
+                if ring.bucket_replicas(b).contains(&node.as_str()) {
+                    theirs.insert(b);
+                }
+            }
+            if !theirs.is_empty() {
+                targets.push((node.clone(), theirs));
+            }
+        }
+    }
+    HandOff { orphans, targets }
 }
 
 /// Groups (bucket, entries) into bucket sets of about `max_keys` entries each (a bucket bigger

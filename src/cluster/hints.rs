@@ -207,35 +207,39 @@ impl Hints {
         peers
     }
 
-    /// One delivery round: for each peer with hints, deliver them oldest first, stopping at
-    /// the first failure (the peer is still away; the rest wait for the next round).
-    /// `in_ring` says whether a peer still owns part of the ring.
+    /// Starts a delivery round at `now`: drops the hints past HINT_TTL and those whose peer
+    /// `in_ring` rejects (it left the ring), and takes the rest, per peer, oldest first.
+    pub fn round(&self, now: Instant, in_ring: &dyn Fn(&str) -> bool) -> Replay<'_> {
+        self.prune(now, in_ring);
+        let peers = self
+            .peers()
+            .into_iter()
+            .map(|peer| {
+                let hints = self.take(&peer).into();
+                (peer, hints)
+            })
+            .collect();
+        Replay {
+            hints: self,
+            peers,
+            in_flight: None,
+        }
+    }
+
+    /// One delivery round through `peers`: the driver of [`Replay`].
     pub async fn deliver<P: PeerTransport>(
         &self,
         peers: &P,
         in_ring: &dyn Fn(&str) -> bool,
         rpc_timeout: Duration,
     ) {
-        self.prune(Instant::now(), in_ring);
-        for peer in self.peers() {
-            let mut pending = self.take(&peer).into_iter();
-            let mut failed = Vec::new();
-            for hint in pending.by_ref() {
-                let now = Instant::now();
-                let Some(entry) = hint.entry_now(now) else {
-                    self.count(|c| c.expired += 1);
-                    continue;
-                };
-                match peers.write(&peer, &entry, now + rpc_timeout).await {
-                    Ok(_) => self.count(|c| c.delivered += 1),
-                    Err(_) => {
-                        failed.push(hint);
-                        break;
-                    }
-                }
-            }
-            failed.extend(pending);
-            self.put_back(failed);
+        let mut round = self.round(Instant::now(), in_ring);
+        while let Some((peer, entry)) = round.next(Instant::now()) {
+            let delivered = peers
+                .write(&peer, &entry, Instant::now() + rpc_timeout)
+                .await
+                .is_ok();
+            round.answered(delivered);
         }
     }
 
@@ -251,6 +255,76 @@ impl Hints {
             if !self.queue.borrow().is_empty() {
                 self.deliver(&*peers, &in_ring, rpc_timeout).await;
             }
+        }
+    }
+}
+
+/// One delivery round as a plan: for each peer with hints, oldest first, until one fails (the
+/// peer is still away; its others wait for the next round). Events in (`now`, an answer),
+/// actions out (send this entry to this peer). Hints not delivered when the round ends, or is
+/// dropped half-way, go back to the queue ahead of newer ones.
+pub struct Replay<'a> {
+    hints: &'a Hints,
+    /// Peers still to serve, each with its hints oldest first.
+    peers: VecDeque<(Rc<str>, VecDeque<Hint>)>,
+    /// The hint sent and not answered yet.
+    in_flight: Option<(Rc<str>, Hint)>,
+}
+
+impl Replay<'_> {
+    /// The next hint to send at `now`, with its time to live shortened by its wait; None when
+    /// the round is over. A hint that expired while it waited is counted and skipped (a hint
+    /// never brings back an expired entry).
+    pub fn next(&mut self, now: Instant) -> Option<(Rc<str>, ReplicaEntry)> {
+        if let Some((_, hint)) = self.in_flight.take() {
+            // Sent and never answered: it goes back with the rest.
+            self.hints.put_back(vec![hint]);
+        }
+        while let Some((peer, queue)) = self.peers.front_mut() {
+            let Some(hint) = queue.pop_front() else {
+                self.peers.pop_front();
+                continue;
+            };
+            match hint.entry_now(now) {
+                None => self.hints.count(|c| c.expired += 1),
+                Some(entry) => {
+                    let peer = Rc::clone(peer);
+                    self.in_flight = Some((Rc::clone(&peer), hint));
+                    return Some((peer, entry));
+                }
+            }
+        }
+        None
+    }
+
+    /// The answer to the hint [`Replay::next`] gave. A failure puts it and the peer's other
+    /// hints back, and the round moves on to the next peer.
+    pub fn answered(&mut self, delivered: bool) {
+        let Some((peer, hint)) = self.in_flight.take() else {
+            return;
+        };
+        if delivered {
+            self.hints.count(|c| c.delivered += 1);
+            return;
+        }
+        let mut back = vec![hint];
+        if self.peers.front().is_some_and(|(p, _)| *p == peer) {
+            if let Some((_, rest)) = self.peers.pop_front() {
+                back.extend(rest);
+            }
+        }
+        self.hints.put_back(back);
+    }
+}
+
+impl Drop for Replay<'_> {
+    fn drop(&mut self) {
+        let mut back: Vec<Hint> = self.in_flight.take().into_iter().map(|(_, h)| h).collect();
+        for (_, rest) in self.peers.drain(..) {
+            back.extend(rest);
+        }
+        if !back.is_empty() {
+            self.hints.put_back(back);
         }
     }
 }
@@ -361,5 +435,57 @@ mod tests {
     fn limits_split_among_cores() {
         let l = limits(100_001, 1 << 20).per_core(2);
         assert_eq!((l.max_count, l.max_bytes), (50_001, 1 << 19));
+    }
+
+    fn key_of(next: Option<(Rc<str>, ReplicaEntry)>) -> (String, String) {
+        let (peer, e) = next.expect("a hint to send");
+        (peer.to_string(), String::from_utf8(e.key).unwrap())
+    }
+
+    #[test]
+    fn a_round_delivers_oldest_first_and_stops_at_a_peers_first_failure() {
+        let hints = Hints::new(limits(100, 1 << 20));
+        let t = Instant::now();
+        for k in ["a", "b", "c"] {
+            hints.store("p1", entry(k, 10, 0), t);
+        }
+        hints.store("p2", entry("d", 10, 0), t);
+        let mut round = hints.round(t, &|_| true);
+        assert_eq!(key_of(round.next(t)), ("p1".into(), "a".into()));
+        round.answered(true);
+        assert_eq!(key_of(round.next(t)), ("p1".into(), "b".into()));
+        round.answered(false);
+        // p1 is still away: c is not tried this round.
+        assert_eq!(key_of(round.next(t)), ("p2".into(), "d".into()));
+        round.answered(true);
+        assert!(round.next(t).is_none());
+        drop(round);
+        let c = hints.counts();
+        assert_eq!((c.delivered, c.queued), (2, 2));
+        // b and c wait, in their order, for the next round.
+        let mut again = hints.round(t, &|_| true);
+        assert_eq!(key_of(again.next(t)), ("p1".into(), "b".into()));
+        again.answered(true);
+        assert_eq!(key_of(again.next(t)), ("p1".into(), "c".into()));
+    }
+
+    #[test]
+    fn an_expired_entry_is_skipped_and_a_round_dropped_half_way_keeps_the_rest() {
+        let hints = Hints::new(limits(100, 1 << 20));
+        let t = Instant::now();
+        hints.store("p1", entry("short", 10, 100), t);
+        hints.store("p1", entry("long", 10, 10_000), t);
+        hints.store("p2", entry("other", 10, 0), t);
+        let later = t + Duration::from_millis(200);
+        let mut round = hints.round(later, &|_| true);
+        let (_, e) = round.next(later).expect("a hint to send");
+        assert_eq!(e.key, b"long");
+        assert_eq!(e.ttl_ms, 9_800, "its time to live is shortened by its wait");
+        assert_eq!(hints.counts().expired, 1);
+        // The core stops mid-round with "long" unanswered.
+        drop(round);
+        assert_eq!(hints.counts().queued, 2);
+        let mut again = hints.round(later, &|_| true);
+        assert_eq!(key_of(again.next(later)), ("p1".into(), "long".into()));
     }
 }

@@ -223,3 +223,38 @@ fn a_hand_off_interrupted_keeps_everything_and_the_next_one_completes() {
     assert_eq!(counts.handed_off, 2000);
     assert_eq!(counts.dropped, 2000);
 }
+
+#[test]
+fn a_hand_off_sends_each_orphaned_bucket_to_its_replicas_and_nothing_else() {
+    let ring = Ring::new(["b", "c", "d"].map(String::from), 16, 2);
+    let mut counts = vec![0u32; BUCKETS];
+    // "a" (not in the ring) holds entries in every tenth bucket.
+    for b in (0..BUCKETS).step_by(10) {
+        counts[b] = 3;
+    }
+    let plan = plan_hand_off(&counts, &ring, "a");
+    assert_eq!(plan.orphans.len(), BUCKETS.div_ceil(10));
+    for (b, &held) in counts.iter().enumerate() {
+        let to: Vec<&str> = plan
+            .targets
+            .iter()
+            .filter(|(_, set)| set.contains(b))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if held == 0 {
+            assert!(to.is_empty(), "bucket {b} is empty here");
+        } else {
+            let mut replicas = ring.bucket_replicas(b);
+            replicas.sort();
+            assert_eq!(to, replicas, "bucket {b}");
+        }
+    }
+    // A node that replicates everything it holds hands off nothing.
+    let plan = plan_hand_off(&counts, &ring, "b");
+    for (b, &n) in counts.iter().enumerate() {
+        assert_eq!(
+            plan.orphans.contains(b),
+            n > 0 && !ring.bucket_replicas(b).contains(&"b")
+        );
+    }
+}
