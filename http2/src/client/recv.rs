@@ -31,7 +31,12 @@ impl Connection {
             }
             frame::SETTINGS => self.settings(h, payload),
             frame::PING => {
-                if payload.len() != 8 || h.id != 0 {
+                // RFC 9113, 6.7: PING on a stream is a protocol error, a wrong length a frame
+                // size error.
+                if h.id != 0 {
+                    return self.connection_error(code::PROTOCOL_ERROR, "PING on a stream");
+                }
+                if payload.len() != 8 {
                     return self.connection_error(code::FRAME_SIZE_ERROR, "PING size");
                 }
                 if h.flags & frame::ACK == 0 {
@@ -226,8 +231,18 @@ impl Connection {
                     }
                     let delta = value as i64 - self.peer_initial_window;
                     self.peer_initial_window = value as i64;
+                    let mut overflow = false;
                     for s in self.streams.values_mut() {
                         s.send_window += delta;
+                        overflow |= s.send_window > frame::MAX_WINDOW;
+                    }
+                    // RFC 9113, 6.9.2: a change that takes any stream's window past the
+                    // maximum is a connection error.
+                    if overflow {
+                        return self.connection_error(
+                            code::FLOW_CONTROL_ERROR,
+                            "initial window change overflows a stream's window",
+                        );
                     }
                 }
                 setting::MAX_FRAME_SIZE => {

@@ -251,3 +251,46 @@ fn a_cancelled_stream_is_reset_and_its_late_data_credited() {
         .iter()
         .any(|(h, _)| h.kind == frame::WINDOW_UPDATE && h.id == 0));
 }
+
+/// The error code of the GOAWAY the connection wrote last.
+fn goaway_code(c: &mut Connection) -> u32 {
+    let sent = frames(c);
+    let (h, payload) = sent.last().expect("a frame");
+    assert_eq!(h.kind, frame::GOAWAY);
+    u32::from_be_bytes(payload[4..8].try_into().unwrap())
+}
+
+#[test]
+fn a_ping_on_a_stream_is_a_protocol_error_and_a_short_one_a_frame_size_error() {
+    let mut c = Connection::new(&[]);
+    frames(&mut c);
+    let mut ping = Vec::new();
+    frame::put_header(&mut ping, 8, frame::PING, 0, 1);
+    ping.extend([0; 8]);
+    feed(&mut c, &ping);
+    assert!(c.failed().is_some());
+    assert_eq!(goaway_code(&mut c), code::PROTOCOL_ERROR);
+
+    let mut c = Connection::new(&[]);
+    frames(&mut c);
+    let mut short = Vec::new();
+    frame::put_header(&mut short, 4, frame::PING, 0, 0);
+    short.extend([0; 4]);
+    feed(&mut c, &short);
+    assert_eq!(goaway_code(&mut c), code::FRAME_SIZE_ERROR);
+}
+
+#[test]
+fn an_initial_window_change_that_overflows_a_streams_window_is_a_flow_control_error() {
+    let mut c = Connection::new(&[]);
+    c.start(&REQ, b"x", true).unwrap();
+    frames(&mut c);
+    // The stream's window at the maximum: 65,535, less the 1-byte body, plus the rest.
+    let mut update = Vec::new();
+    frame::put_window_update(&mut update, 1, (frame::MAX_WINDOW - 65_534) as u32);
+    feed(&mut c, &update);
+    assert!(c.failed().is_none());
+    feed(&mut c, &settings(&[(setting::INITIAL_WINDOW_SIZE, 65_536)]));
+    assert!(c.failed().is_some());
+    assert_eq!(goaway_code(&mut c), code::FLOW_CONTROL_ERROR);
+}
