@@ -50,7 +50,6 @@ pub struct PeerClients {
     /// waits replica calls behind its flow-control window nor counts as replica bytes or as a
     /// latency sample of the peer.
     bulk: RefCell<HashMap<String, Client>>,
-    bulk_meter: Rc<Meter>,
 }
 
 /// This core's connections to one peer.
@@ -129,13 +128,13 @@ impl PeerClients {
         &self,
         addr: &str,
         deadline: Instant,
-        meter: &Rc<Meter>,
+        meter: Rc<Meter>,
     ) -> Result<Client, Status> {
         let dial = async {
             let sockaddr = resolve(addr)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-            Client::connect_metered(sockaddr, &RECURRING, Rc::clone(meter))
+            Client::connect_metered(sockaddr, &RECURRING, meter)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))
         };
@@ -207,7 +206,7 @@ impl PeerClients {
         if let Some(c) = open {
             return Ok(c);
         }
-        let c = self.connect(addr, deadline, &self.meter).await?;
+        let c = self.connect(addr, deadline, Rc::clone(&self.meter)).await?;
         let ask = {
             let mut conns = self.conns.borrow_mut();
             let p = match conns.get_mut(addr) {
@@ -326,7 +325,8 @@ impl PeerClients {
         let client = match existing {
             Some(client) => client,
             None => {
-                let client = self.connect(addr, deadline, &self.bulk_meter).await?;
+                // Unmetered: anti-entropy counts its own bytes (cache_anti_entropy_bytes).
+                let client = self.connect(addr, deadline, Rc::default()).await?;
                 self.bulk
                     .borrow_mut()
                     .insert(addr.to_string(), client.clone());
