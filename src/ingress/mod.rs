@@ -158,21 +158,52 @@ pub async fn serve_listeners(
     max_connections: usize,
     drain_timeout: Duration,
 ) -> (usize, Instant) {
-    let core = ctx.router.core();
     let connections = Rc::new(Cell::new(0usize));
+    // One loop per listener, both polled by this task. Never one accept raced against the
+    // other: a glommio accept dropped after the kernel completed it loses the connection (its
+    // descriptor is never handed over), and the peer that opened it waits on a socket nobody
+    // reads.
+    let accepting = |listener| {
+        accept_until_shutdown(
+            Rc::clone(&ctx),
+            listener,
+            shutdown.clone(),
+            Rc::clone(&connections),
+            max_connections,
+        )
+    };
+    let on_shard_port = async {
+        if let Some(steered) = steered {
+            accepting(steered).await;
+        }
+    };
+    future::zip(accepting(listener), on_shard_port).await;
+
+    // Drain: connections were told to finish (GOAWAY); give them until the shutdown timeout.
+    let deadline = Instant::now() + drain_timeout;
+    while connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    (connections.get(), deadline)
+}
+
+/// Accepts on `listener` until `shutdown`, then closes it.
+async fn accept_until_shutdown(
+    ctx: Rc<CoreCtx>,
+    listener: glommio::net::TcpListener,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    connections: Rc<Cell<usize>>,
+    max_connections: usize,
+) {
+    let core = ctx.router.core();
     let mut accept_backoff = Duration::from_millis(10);
     let mut accept_failures = 0u64;
     let mut accept_logged = Instant::now() - Duration::from_secs(60);
     let mut stop = shutdown.clone();
     loop {
-        let on_addr = async { Some(listener.accept().await) };
-        let on_shard_port = async {
-            match &steered {
-                Some(l) => Some(l.accept().await),
-                None => future::pending().await,
-            }
-        };
-        let accepted = future::or(future::or(on_addr, on_shard_port), async {
+        // The only accept ever dropped in flight is the last one, at shutdown, when the
+        // listener closes anyway.
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
             let _ = stop.wait_for(|stop| *stop).await;
             None
         })
@@ -211,15 +242,6 @@ pub async fn serve_listeners(
             }
         }
     }
-    drop(listener);
-    drop(steered);
-
-    // Drain: connections were told to finish (GOAWAY); give them until the shutdown timeout.
-    let deadline = Instant::now() + drain_timeout;
-    while connections.get() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-    (connections.get(), deadline)
 }
 
 /// Turns away a connection over MAX_CONNECTIONS the way an HTTP/2 server says "not now": our

@@ -314,3 +314,52 @@ async fn a_replica_call_meant_for_another_node_is_refused() {
         "not applied"
     );
 }
+
+/// Connections arriving together on ADDR and on the shard-aware port are all served: each
+/// receives the server's SETTINGS. (A core once raced one listener's accept against the
+/// other's and dropped the loser, losing a connection the kernel had accepted meanwhile: its
+/// client waited on a socket nobody read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn connections_arriving_on_both_ports_at_once_are_all_served() {
+    use std::io::{Read, Write};
+    let node = Node::start(&[("CORES", "2"), ("SHARD_PORT", "0")]).await;
+    let l = layout(&node).await;
+    let addr: SocketAddr = node.addr.parse().unwrap();
+    let mut shard_addr = addr;
+    shard_addr.set_port(l.shard_port as u16);
+    // Bounded: 2 x 200 connections, each waited for at most T.
+    let dial = |to: SocketAddr| {
+        std::thread::spawn(move || {
+            (0..200)
+                .map(|_| std::net::TcpStream::connect_timeout(&to, T).expect("connects"))
+                .collect::<Vec<_>>()
+        })
+    };
+    let (a, b) = (dial(addr), dial(shard_addr));
+    let mut streams = a.join().unwrap();
+    let on_addr = streams.len();
+    streams.extend(b.join().unwrap());
+    let silent = tokio::task::spawn_blocking(move || {
+        // The client preface and an empty SETTINGS frame.
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let mut silent = Vec::new();
+        for (i, s) in streams.iter_mut().enumerate() {
+            s.set_read_timeout(Some(T)).unwrap();
+            s.write_all(&hello).unwrap();
+            let mut head = [0u8; 9];
+            // The server's first frame is its SETTINGS.
+            match s.read_exact(&mut head) {
+                Ok(()) if head[3] == 0x4 => {}
+                other => silent.push((i < on_addr, i, format!("{other:?} {head:?}"))),
+            }
+        }
+        silent
+    })
+    .await
+    .unwrap();
+    assert!(
+        silent.is_empty(),
+        "connections not served (on ADDR, index, read): {silent:?}"
+    );
+}
