@@ -7,8 +7,8 @@
 # with this environment (alone, it runs this build: NODE_B_ENV=SHARD_PORT=off is this build
 # without core-to-core replica calls). ROUNDS (default 3). About 4 minutes (6 with NODE_B).
 # Build first: cargo build --release --workspace
-# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=0 turns the shard-aware port on;
-# it is off by default).
+# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=off turns the shard-aware port
+# off; it is on by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release

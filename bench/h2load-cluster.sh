@@ -5,8 +5,8 @@
 # 1 s warm-up. NODE_B_ENV="KEY=VALUE ..." adds a second cluster started with that environment
 # (SHARD_PORT=off: replica calls without the shard-aware port). All processes share this
 # machine's cores. Build first: cargo build --release --workspace
-# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=0 turns the shard-aware port on;
-# it is off by default).
+# NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=off turns the shard-aware port
+# off; it is on by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=./target/release

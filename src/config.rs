@@ -103,8 +103,8 @@ pub struct Config {
     /// Client connections the node serves at once (split over its cores); more are turned
     /// away with GOAWAY.
     pub max_connections: usize,
-    /// The shard-aware port (routing/steer.rs): Some(0) for one the kernel picks, None when
-    /// SHARD_PORT is unset or off (the default, README says why).
+    /// The shard-aware port (routing/steer.rs): Some(0) for one the kernel picks (the
+    /// default: NodeService.Layout tells peers which), None when SHARD_PORT is off.
     pub shard_port: Option<u16>,
 }
 
@@ -479,12 +479,13 @@ impl Config {
         )?;
 
         let shard_port = match raw.shard_port.as_deref().map(str::trim) {
-            None | Some("") | Some("off") => None,
+            None | Some("") => Some(0),
+            Some("off") => None,
             Some(value) => Some(value.parse::<u16>().map_err(|_| {
                 invalid(
                     "SHARD_PORT",
                     value,
-                    "expected a port number, 0 for any free port, or off (the default)",
+                    "expected a port number, 0 for any free port (the default), or off",
                 )
             })?),
         };

@@ -201,6 +201,49 @@ async fn replica_calls_land_on_the_core_that_owns_the_key_by_each_peers_own_map(
     assert_eq!(layout(&nodes[2]).await.num_shards, 7);
 }
 
+/// A peer with the shard-aware port off (SHARD_PORT=off) in a cluster whose other nodes have
+/// it: its layout says so, its replicas are called on its ADDR and make one hop where they land
+/// on the wrong core (counted there), and every write and read still reaches all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_peer_without_the_shard_aware_port_is_called_on_its_addr_with_one_hop() {
+    use crate::cluster::{get, value_of};
+    use distributed_cache::pb::Consistency;
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", crate::cluster::free_cluster_port()))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        // Node 3 has its own NUM_SHARDS too: whichever of its cores a connection lands on,
+        // about half the keys it carries belong to the other core.
+        let (port, shards) = if i == 2 { ("off", "7") } else { ("0", "8") };
+        let env = [("CORES", "2"), ("SHARD_PORT", port), ("NUM_SHARDS", shards)];
+        nodes.push(crate::cluster::start_node(a, &addrs[0], &env).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    crate::cluster::wait_converged(&refs, &addrs).await;
+    assert_eq!(layout(&nodes[2]).await.shard_port, 0, "SHARD_PORT=off");
+    assert_ne!(layout(&nodes[0]).await.shard_port, 0, "on by default");
+    settle(&nodes[..2]).await;
+    let before = hops_by_node(&nodes).await;
+    let mut c = nodes[0].client().await.unwrap();
+    for i in 0..200 {
+        let mut w = set(&format!("key{i}"), &format!("v{i}"));
+        w.consistency = Consistency::All as i32;
+        c.set(w).await.unwrap();
+    }
+    for i in (0..200).step_by(7) {
+        let got = c.get(get(&format!("key{i}"), Consistency::All)).await;
+        assert_eq!(value_of(&got.unwrap().into_inner()), format!("v{i}"));
+    }
+    let after = hops_by_node(&nodes).await;
+    assert_eq!(after[1], before[1], "node 2 has the port: no hop there");
+    // Node 3 is a replica of every key (RF=3), called on ADDR.
+    assert!(
+        after[2] - before[2] >= 20,
+        "hops on node 3: {before:?} -> {after:?}"
+    );
+}
+
 /// Waits until the nodes' cores know their peers' layouts: the first calls to a peer go to
 /// its ADDR while its layout is asked in the background, so Sets through every node until a
 /// round of them makes no hop.
