@@ -185,6 +185,7 @@ fn snapshot(ctx: &CoreCtx) -> CoreSnapshot {
     );
     snapshot.replica_calls = coordinator.peers.outcome_counts();
     snapshot.peer_bytes = coordinator.peers.bytes();
+    snapshot.replica_batches = coordinator.peers.batches();
     snapshot.read_repairs = coordinator.read_repairs.get();
     snapshot.speculative_retries = coordinator.speculative_retries.get();
     snapshot.write_backs = coordinator.write_backs.get();

@@ -31,6 +31,13 @@ impl pb::peer_service_server::PeerService for PeerControl {
         Err(Status::internal("replica reads are served by the cores"))
     }
 
+    async fn batch(
+        &self,
+        _: Request<pb::ReplicaBatch>,
+    ) -> Result<Response<pb::ReplicaBatchReply>, Status> {
+        Err(Status::internal("replica batches are served by the cores"))
+    }
+
     async fn leave(&self, req: Request<pb::LeaveNotice>) -> Result<Response<pb::LeaveAck>, Status> {
         let _ = self
             .membership

@@ -104,7 +104,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
     let views = setup.views.clone();
     let coordinator = Rc::new(Coordinator {
         engine: Rc::clone(&engine),
-        peers: Rc::new(PeerClients::default()),
+        peers: PeerClients::new(),
         me: config.addr.clone(),
         ring: RefCell::new(Rc::new((**views.ring.borrow()).clone())),
         write_quorum: config.write_quorum,

@@ -131,6 +131,7 @@ impl CoreMetrics {
             panics,
             replica_calls: Vec::new(),
             peer_bytes: (0, 0),
+            replica_batches: 0,
             read_repairs: 0,
             speculative_retries: 0,
             write_backs: 0,
@@ -189,6 +190,8 @@ pub struct CoreSnapshot {
     pub replica_calls: Vec<(String, &'static str, u64)>,
     /// Bytes this core's connections to peers (replica calls) sent and received.
     pub peer_bytes: (u64, u64),
+    /// Batch calls of replica requests this core sent.
+    pub replica_batches: u64,
     pub read_repairs: u64,
     /// Reads that asked one more replica after one was slower than its speculative delay.
     pub speculative_retries: u64,
@@ -429,6 +432,12 @@ impl Collector for SnapshotCollector {
             "cache_peer_bytes",
             "Bytes on the wire of this core's connections to other nodes (replica calls), HTTP/2 framing included.",
             &peer_bytes,
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_replica_batches",
+            "Batch calls carrying this core's replica requests (cache_replica_calls) to other nodes, by core.",
+            &per_core(&|c| c.replica_batches),
         )?;
         counter_family(
             &mut encoder,

@@ -9,7 +9,11 @@
 //! replica serves it where it arrives. Peers may have other core counts: each is routed by its
 //! own map. Until the layout is known, or for a peer without a shard-aware port, calls go to
 //! its ADDR and the core they land on makes one hop.
+//!
+//! Replica writes and reads are batched per peer core ([`batch`]): what a core has ready for
+//! one core of a peer in one turn goes as one call.
 
+pub mod batch;
 pub mod unary;
 
 use super::{
@@ -21,13 +25,15 @@ use crate::{
     pb,
     routing::{owner_core, shard_of, steer},
 };
+use batch::Item;
 use futures_lite::future;
 use http2::client::{Client, Meter};
+use pb::{replica_op::Op, replica_outcome::Outcome};
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     net::{SocketAddr, ToSocketAddrs},
-    rc::Rc,
+    rc::{Rc, Weak},
     time::{Duration, Instant},
 };
 use tonic::Status;
@@ -38,8 +44,17 @@ use unary::{unary, RECURRING};
 const MAX_PEER_REPLY: usize = 1 << 30;
 
 /// This core's connections to other nodes, by address, and what its calls to each peer showed.
-#[derive(Default)]
 pub struct PeerClients {
+    /// Itself, for the flush tasks it starts.
+    me: Weak<PeerClients>,
+    /// Where flush tasks run: the queue requests run in, whichever queue the first caller of a
+    /// batch (a request, or background hint replay) ran in.
+    flush_queue: glommio::TaskQueueHandle,
+    /// Replica requests waiting for their batch, by peer and lane (0: to its ADDR; 1 + i: to
+    /// its core i).
+    queues: RefCell<HashMap<String, Vec<Vec<Item>>>>,
+    /// Batch calls sent.
+    batches: Cell<u64>,
     /// Shared with the tasks that ask peers for their layouts.
     conns: Rc<RefCell<HashMap<String, PeerConns>>>,
     calls: RefCell<HashMap<String, PeerCalls>>,
@@ -60,6 +75,8 @@ struct PeerConns {
     layout: Layout,
     /// By the peer's core, through its shard-aware port.
     cores: Vec<Option<Client>>,
+    /// It answered a batch UNIMPLEMENTED (an older node): its items go one call each.
+    singles: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -123,6 +140,20 @@ async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 impl PeerClients {
+    /// A core's peer clients; made on the core's executor, in the task queue requests run in.
+    pub fn new() -> Rc<Self> {
+        Rc::new_cyclic(|me| PeerClients {
+            me: me.clone(),
+            flush_queue: glommio::executor().current_task_queue(),
+            queues: RefCell::default(),
+            batches: Cell::new(0),
+            conns: Rc::default(),
+            calls: RefCell::default(),
+            meter: Rc::default(),
+            bulk: RefCell::default(),
+        })
+    }
+
     /// Dials `addr`'s ADDR, counting its bytes on `meter`.
     async fn connect(
         &self,
@@ -346,12 +377,14 @@ impl PeerClients {
         result
     }
 
+    /// One call to the replica `addr` (about `key`, which picks the peer's core): the peer's
+    /// latency record sees it, and a connection it shows broken or stuck is dropped.
     async fn unary<M, R>(
         &self,
         addr: &str,
         key: Option<&[u8]>,
         path: &'static str,
-        msg: M,
+        msg: &M,
         deadline: Instant,
     ) -> Result<R, Status>
     where
@@ -371,25 +404,22 @@ impl PeerClients {
             *used.borrow_mut() = Some((client.received(), client.clone()));
             // The client's deadline travels with the call (grpc-timeout), so the replica drops
             // work nobody waits for any more.
-            unary(&client, addr, path, &msg, left, MAX_PEER_REPLY).await
+            unary(&client, addr, path, msg, left, MAX_PEER_REPLY).await
         };
         let started = Instant::now();
         self.with_calls(addr, |c| c.latency.started(started));
         let result = call.await;
-        let (outcome, end) = match &result {
-            Ok(_) => (0, CallEnd::Answered),
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => (2, CallEnd::TimedOut),
+        let end = match &result {
+            Ok(_) => CallEnd::Answered,
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => CallEnd::TimedOut,
             // A status the peer sent is an answer; one made here (refused, reset) is not.
             Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
-                (1, CallEnd::Failed)
+                CallEnd::Failed
             }
-            Err(_) => (1, CallEnd::Answered),
+            Err(_) => CallEnd::Answered,
         };
         let now = Instant::now();
-        self.with_calls(addr, |c| {
-            c.outcomes[outcome] += 1;
-            c.latency.ended(now, now - started, end);
-        });
+        self.with_calls(addr, |c| c.latency.ended(now, now - started, end));
         if let Err(status) = &result {
             // A call that waited STUCK_AFTER or more and timed out while its connection
             // received nothing at all: the connection is stuck (a peer stopped behind an open
@@ -410,6 +440,149 @@ impl PeerClients {
             }
         }
         result
+    }
+
+    /// Queues `op` for the replica `addr` on the lane of `key`'s core there and waits for its
+    /// answer until `deadline`; counts the outcome.
+    async fn batched(
+        &self,
+        addr: &str,
+        key: &[u8],
+        op: Op,
+        deadline: Instant,
+    ) -> Result<Outcome, Status> {
+        let lane = self.lane(addr, key);
+        let slot = Rc::new(batch::Slot::default());
+        let first = {
+            let mut queues = self.queues.borrow_mut();
+            let lanes = match queues.get_mut(addr) {
+                Some(lanes) => lanes,
+                None => queues.entry(addr.to_string()).or_default(),
+            };
+            if lanes.len() <= lane {
+                lanes.resize_with(lane + 1, Vec::new);
+            }
+            lanes[lane].push(Item {
+                op,
+                deadline,
+                slot: Rc::clone(&slot),
+            });
+            lanes[lane].len() == 1
+        };
+        if first {
+            if let Some(me) = self.me.upgrade() {
+                let flush = me.flush(addr.to_string(), lane);
+                if let Ok(task) = glommio::spawn_local_into(flush, self.flush_queue) {
+                    task.detach();
+                }
+            }
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let result = match glommio::timer::timeout(wait, async { Ok(slot.answer().await) }).await {
+            Ok(Ok(Outcome::Status(s))) => Err(batch::item_status(s)),
+            Ok(result) => result,
+            Err(_) => Err(Status::deadline_exceeded("no answer before the deadline")),
+        };
+        let outcome = match &result {
+            Ok(_) => 0,
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => 2,
+            Err(_) => 1,
+        };
+        self.with_calls(addr, |c| c.outcomes[outcome] += 1);
+        result
+    }
+
+    /// The lane of requests about `key` to `addr`: its core there once its layout is known.
+    fn lane(&self, addr: &str, key: &[u8]) -> usize {
+        let conns = self.conns.borrow();
+        match conns.get(addr).map(|p| p.layout) {
+            Some(Layout::Known {
+                cores, num_shards, ..
+            }) => 1 + owner_core(shard_of(key, num_shards), cores as usize),
+            _ => 0,
+        }
+    }
+
+    /// Sends what is queued on `addr`'s `lane` after one yield: requests decoded in this turn
+    /// of the executor queue theirs meanwhile.
+    async fn flush(self: Rc<Self>, addr: String, lane: usize) {
+        future::yield_now().await;
+        let mut items = self
+            .queues
+            .borrow_mut()
+            .get_mut(&addr)
+            .and_then(|lanes| lanes.get_mut(lane))
+            .map(std::mem::take)
+            .unwrap_or_default();
+        items.retain(|item| !item.abandoned());
+        if items.is_empty() {
+            return;
+        }
+        let calls = batch::split(items)
+            .into_iter()
+            .map(|items| self.send(&addr, items));
+        futures_util::future::join_all(calls).await;
+    }
+
+    /// One batch call to `addr`, its outcomes to its items' callers. A peer that does not
+    /// know the method (an older node) gets the items one call each, now and from then on.
+    async fn send(&self, addr: &str, mut items: Vec<Item>) {
+        let Some(deadline) = items.iter().map(|i| i.deadline).max() else {
+            return;
+        };
+        let singles = self.conns.borrow().get(addr).is_some_and(|p| p.singles);
+        let msg = batch::message(&mut items, Instant::now());
+        if !singles {
+            // The first item's key picks the connection: every item of a lane is for one core.
+            let key = match msg.ops.first().and_then(|op| op.op.as_ref()) {
+                Some(Op::Write(w)) => &w.key[..],
+                Some(Op::Read(r)) => &r.key[..],
+                None => &[],
+            };
+            self.batches.set(self.batches.get() + 1);
+            let result = self
+                .unary(addr, Some(key), "/pb.PeerService/Batch", &msg, deadline)
+                .await;
+            match result {
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    if let Some(p) = self.conns.borrow_mut().get_mut(addr) {
+                        p.singles = true;
+                    }
+                }
+                result => return batch::answer(&items, result),
+            }
+        }
+        let calls = msg
+            .ops
+            .into_iter()
+            .zip(&items)
+            .map(|(op, item)| async move {
+                let outcome = match op.op {
+                    Some(Op::Write(w)) => self
+                        .unary(
+                            addr,
+                            Some(&w.key),
+                            "/pb.PeerService/Write",
+                            &w,
+                            item.deadline,
+                        )
+                        .await
+                        .map(Outcome::Ack),
+                    Some(Op::Read(r)) => self
+                        .unary(
+                            addr,
+                            Some(&r.key),
+                            "/pb.PeerService/Read",
+                            &r,
+                            item.deadline,
+                        )
+                        .await
+                        .map(Outcome::Entry),
+                    None => Err(Status::internal("a batch item without an op")),
+                };
+                item.slot.fill(outcome);
+            });
+        futures_util::future::join_all(calls).await;
     }
 
     /// Runs `f` on this core's record of `addr`, made on first use. Looked up before
@@ -439,6 +612,11 @@ impl PeerClients {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Batch calls this core sent so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.get()
     }
 
     /// Bytes this core's peer connections sent and received so far.
@@ -484,17 +662,11 @@ impl PeerTransport for PeerClients {
         entry: &ReplicaEntry,
         deadline: Instant,
     ) -> Result<(bool, bool), Status> {
-        let msg = crate::wire::entry_to_pb(entry);
-        let ack: pb::ReplicaAck = self
-            .unary(
-                addr,
-                Some(&entry.key),
-                "/pb.PeerService/Write",
-                msg,
-                deadline,
-            )
-            .await?;
-        Ok((ack.existed, ack.syncing))
+        let op = Op::Write(crate::wire::entry_to_pb(entry));
+        match self.batched(addr, &entry.key, op, deadline).await? {
+            Outcome::Ack(ack) => Ok((ack.existed, ack.syncing)),
+            _ => Err(Status::internal("a replica write answered with an entry")),
+        }
     }
 
     /// The replica `addr`'s entry for `key`, tombstones included, and whether that replica
@@ -505,10 +677,12 @@ impl PeerTransport for PeerClients {
         key: &[u8],
         deadline: Instant,
     ) -> Result<(Option<ReplicaEntry>, bool), Status> {
-        let msg = pb::ReplicaRead { key: key.to_vec() };
-        let e: pb::ReplicaEntry = self
-            .unary(addr, Some(key), "/pb.PeerService/Read", msg, deadline)
-            .await?;
-        Ok(crate::wire::read_reply_from_pb(key, e))
+        let op = Op::Read(pb::ReplicaRead { key: key.to_vec() });
+        match self.batched(addr, key, op, deadline).await? {
+            Outcome::Entry(e) => Ok(crate::wire::read_reply_from_pb(key, e)),
+            _ => Err(Status::internal(
+                "a replica read answered with an acknowledgement",
+            )),
+        }
     }
 }

@@ -57,6 +57,7 @@ pub enum Method {
     Delete,
     ReplicaWrite,
     ReplicaRead,
+    ReplicaBatch,
 }
 
 impl Method {
@@ -67,6 +68,7 @@ impl Method {
             Method::Delete => "/pb.CacheService/Delete",
             Method::ReplicaWrite => "/pb.PeerService/Write",
             Method::ReplicaRead => "/pb.PeerService/Read",
+            Method::ReplicaBatch => "/pb.PeerService/Batch",
         }
     }
 
@@ -77,6 +79,7 @@ impl Method {
             b"/pb.CacheService/Delete" => Method::Delete,
             b"/pb.PeerService/Write" => Method::ReplicaWrite,
             b"/pb.PeerService/Read" => Method::ReplicaRead,
+            b"/pb.PeerService/Batch" => Method::ReplicaBatch,
             _ => return None,
         })
     }
@@ -91,6 +94,7 @@ pub enum Answer {
     Delete(pb::DeleteResponse),
     Ack(pb::ReplicaAck),
     Entry(pb::ReplicaEntry),
+    Batch(pb::ReplicaBatchReply),
 }
 
 impl Answer {
@@ -101,6 +105,7 @@ impl Answer {
             Answer::Delete(m) => m,
             Answer::Ack(m) => m,
             Answer::Entry(m) => m,
+            Answer::Batch(m) => m,
         }
     }
 
@@ -196,6 +201,15 @@ pub fn start(
             replica_read,
             Answer::Entry,
         ),
+        Method::ReplicaBatch => call(
+            ctx,
+            None,
+            message,
+            deadline,
+            start,
+            replica_batch,
+            Answer::Batch,
+        ),
     }
 }
 
@@ -242,8 +256,13 @@ where
     })
 }
 
-/// The reply, or RESOURCE_EXHAUSTED when its message is over MAX_SEND_MSG_SIZE.
+/// The reply, or RESOURCE_EXHAUSTED when its message is over MAX_SEND_MSG_SIZE. A batch's
+/// answer is exempt: each value in it was within the limit when stored, the coordinator bounds
+/// how many items it asks at once, and failing the whole batch would fail every item.
 fn within_limit(answer: Answer, limit: usize) -> Result<Answer, Status> {
+    if matches!(answer, Answer::Batch(_)) {
+        return Ok(answer);
+    }
     let len = answer.message().len();
     if len > limit {
         return Err(Error::ResponseTooLarge { bytes: len, limit }.into());
@@ -313,6 +332,7 @@ async fn replica_write(
     m: pb::ReplicaWrite,
     deadline: Instant,
 ) -> Result<pb::ReplicaAck, Error> {
+    check_replica_key(&m.key)?;
     let entry = crate::wire::entry_from_pb(m);
     let syncing = ctx.coordinator.syncing(&entry.key);
     let shard = ctx.shard(&entry.key);
@@ -337,6 +357,7 @@ async fn replica_read(
     m: pb::ReplicaRead,
     deadline: Instant,
 ) -> Result<pb::ReplicaEntry, Error> {
+    check_replica_key(&m.key)?;
     let key = m.key;
     let syncing = ctx.coordinator.syncing(&key);
     let shard = ctx.shard(&key);
@@ -348,6 +369,59 @@ async fn replica_read(
         Reply::Entry(entry) => Ok(crate::wire::read_reply_to_pb(entry, syncing)),
         _ => Err(Error::Internal("unexpected reply to a replica read".into())),
     }
+}
+
+/// The items of a batch run side by side, each to its own deadline, and are answered in
+/// order once the last is done: an item that fails is its own outcome, never the call's.
+async fn replica_batch(
+    ctx: Rc<CoreCtx>,
+    m: pb::ReplicaBatch,
+    deadline: Instant,
+) -> Result<pb::ReplicaBatchReply, Error> {
+    use pb::{replica_op::Op, replica_outcome::Outcome};
+    let arrived = Instant::now();
+    let items = m.ops.into_iter().map(|item| {
+        let ctx = Rc::clone(&ctx);
+        let item_deadline = arrived
+            .checked_add(Duration::from_micros(item.timeout_us))
+            .map_or(deadline, |d| d.min(deadline));
+        async move {
+            let result = if item.timeout_us == 0 || item_deadline <= Instant::now() {
+                Err(Error::DeadlineExceeded)
+            } else {
+                match item.op {
+                    Some(Op::Write(w)) => {
+                        replica_write(ctx, w, item_deadline).await.map(Outcome::Ack)
+                    }
+                    Some(Op::Read(r)) => replica_read(ctx, r, item_deadline)
+                        .await
+                        .map(Outcome::Entry),
+                    None => Err(Error::InvalidArgument("a batch item without an op")),
+                }
+            };
+            let outcome = result.unwrap_or_else(|e| {
+                let status = Status::from(e);
+                Outcome::Status(pb::ItemStatus {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                })
+            });
+            pb::ReplicaOutcome {
+                outcome: Some(outcome),
+            }
+        }
+    });
+    Ok(pb::ReplicaBatchReply {
+        outcomes: futures_util::future::join_all(items).await,
+    })
+}
+
+/// A replica entry without a key is refused (a client's empty key never gets this far).
+fn check_replica_key(key: &[u8]) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument("replica key must not be empty"));
+    }
+    Ok(())
 }
 
 fn check_key(key: &str) -> Result<(), Error> {

@@ -421,7 +421,10 @@ impl<S: Service> Grpc<S> {
         let Some(method) = method else {
             return self.forward(id, head, end);
         };
-        if matches!(method, Method::ReplicaWrite | Method::ReplicaRead) {
+        if matches!(
+            method,
+            Method::ReplicaWrite | Method::ReplicaRead | Method::ReplicaBatch
+        ) {
             if let Some(me) = self.svc.node_addr() {
                 if head.authority() != Some(me.as_bytes()) {
                     let meant = String::from_utf8_lossy(head.authority().unwrap_or_default());
