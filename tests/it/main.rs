@@ -2,6 +2,7 @@
 //! real gRPC clients (tonic, and grpcurl). One binary keeps link time down.
 
 mod api;
+mod batching;
 mod cli;
 mod cluster;
 mod config;

@@ -16,7 +16,7 @@ use distributed_cache::{
 use http2::client::Client;
 use std::{net::SocketAddr, time::Duration};
 
-const T: Duration = Duration::from_secs(5);
+pub const T: Duration = Duration::from_secs(5);
 
 async fn node_service(node: &Node) -> NodeServiceClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(node.url())
@@ -27,7 +27,7 @@ async fn node_service(node: &Node) -> NodeServiceClient<tonic::transport::Channe
     NodeServiceClient::new(channel)
 }
 
-async fn layout(node: &Node) -> LayoutReply {
+pub async fn layout(node: &Node) -> LayoutReply {
     node_service(node)
         .await
         .layout(LayoutRequest {})
@@ -55,7 +55,7 @@ async fn requests_by_core(node: &Node) -> Vec<u64> {
     out
 }
 
-async fn replica_hops(node: &Node) -> Vec<u64> {
+pub async fn replica_hops(node: &Node) -> Vec<u64> {
     let s = stats(node).await;
     let mut out = vec![0; s.cores.len()];
     for c in s.cores {
@@ -65,7 +65,7 @@ async fn replica_hops(node: &Node) -> Vec<u64> {
 }
 
 /// A client whose connection lands on `core` of the node at `shard_addr`.
-fn client_on_core(shard_addr: SocketAddr, core: u32, cores: u32) -> Client {
+pub fn client_on_core(shard_addr: SocketAddr, core: u32, cores: u32) -> Client {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let stream = steer::connect_to_core(shard_addr, core, cores, T).expect("connects");
     // SAFETY: a connected TCP socket, handed over whole.
