@@ -3,7 +3,8 @@
 # cluster (RF=3, W=R=2, QUORUM) through its node 1, alternately: Sets and Gets of one key
 # (100-byte value), 16 connections x 16 streams, ROUNDS rounds of DURATION seconds after a
 # 1 s warm-up. NODE_B_ENV="KEY=VALUE ..." adds a second cluster started with that environment
-# (SHARD_PORT=off: replica calls without the shard-aware port). All processes share this
+# (SHARD_PORT=off: replica calls without the shard-aware port), NODE_B=path one of another
+# build (an older commit), or both. All processes share this
 # machine's cores. Build first: cargo build --release --workspace
 # NODE_ENV="KEY=VALUE ..." applies to every node (SHARD_PORT=off turns the shard-aware port
 # off; it is on by default).
@@ -31,16 +32,17 @@ open(sys.argv[1], "wb").write(framed(get)); open(sys.argv[2], "wb").write(framed
 PY
 start() {
     # shellcheck disable=SC2086
-    env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=100000 "$BIN/distributed-cache" & pids+=($!)
+    env ${NODE_ENV:-} ${3:-} ADDR="$1" PEERS="${2:-}" RUST_LOG=error CAPACITY=100000 "${4:-$BIN/distributed-cache}" & pids+=($!)
 }
 declare -A addr procs
 addr[single]=127.0.0.1:$(free_port); start "${addr[single]}"; procs[single]=${pids[-1]}
 c1=127.0.0.1:$(free_port); start "$c1"; start "127.0.0.1:$(free_port)" "$c1"; start "127.0.0.1:$(free_port)" "$c1"
 addr[cluster]=$c1; procs[cluster]="${pids[*]: -3}"
 targets=(single cluster)
-if [ -n "${NODE_B_ENV:-}" ]; then
-    b1=127.0.0.1:$(free_port); start "$b1" "" "$NODE_B_ENV"
-    start "127.0.0.1:$(free_port)" "$b1" "$NODE_B_ENV"; start "127.0.0.1:$(free_port)" "$b1" "$NODE_B_ENV"
+if [ -n "${NODE_B_ENV:-}${NODE_B:-}" ]; then
+    bin_b=${NODE_B:-$BIN/distributed-cache}
+    b1=127.0.0.1:$(free_port); start "$b1" "" "${NODE_B_ENV:-}" "$bin_b"
+    start "127.0.0.1:$(free_port)" "$b1" "${NODE_B_ENV:-}" "$bin_b"; start "127.0.0.1:$(free_port)" "$b1" "${NODE_B_ENV:-}" "$bin_b"
     addr[cluster-b]=$b1; procs[cluster-b]="${pids[*]: -3}"
     targets+=(cluster-b)
 fi
@@ -54,7 +56,7 @@ done
 # CPU time of processes and their threads, user + system, in clock ticks.
 cpu() { local t=0; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
 tick=$(getconf CLK_TCK)
-echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)${NODE_B_ENV:+, cluster-b: $NODE_B_ENV}"
+echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)${NODE_B:+, cluster-b: $NODE_B}${NODE_B_ENV:+, cluster-b env: $NODE_B_ENV}"
 for round in $(seq 1 "$ROUNDS"); do
     for op in Set Get; do
         body=$get_body; [ "$op" = Set ] && body=$set_body
