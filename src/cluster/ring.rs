@@ -77,22 +77,15 @@ impl Ring {
 
     /// The replicas of the key at `position`, first (primary) to last.
     pub fn replicas_at(&self, position: u64) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::with_capacity(self.replication_factor);
-        if self.points.is_empty() {
-            return out;
-        }
-        let start = self.points.partition_point(|&(p, _)| p < position);
-        for i in 0..self.points.len() {
-            let (_, idx) = self.points[(start + i) % self.points.len()];
-            let node = self.nodes[idx as usize].as_str();
-            if !out.contains(&node) {
-                out.push(node);
-                if out.len() == self.replication_factor {
-                    break;
-                }
-            }
-        }
-        out
+        placement::replicas_at(&self.points, self.replication_factor, position)
+            .map(|idx| self.nodes[idx as usize].as_str())
+            .collect()
+    }
+
+    /// The ring's points, (position, index into [`Ring::nodes`]), sorted by position: what a
+    /// client needs to place keys itself.
+    pub fn points(&self) -> &[(u64, u32)] {
+        &self.points
     }
 
     pub fn replicas(&self, key: &[u8]) -> Vec<&str> {

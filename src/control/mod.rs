@@ -119,6 +119,7 @@ fn routes(
     >,
     gatherer: Gatherer,
     view: SharedView,
+    topology: node_service::TopologyViews,
     peer: peer_service::PeerControl,
 ) -> anyhow::Result<tonic::service::Routes> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -143,6 +144,7 @@ fn routes(
                     num_shards: settings.num_shards,
                     shard_port: settings.shard_port as u32,
                 },
+                topology,
             },
         ))
         .add_service(
@@ -214,6 +216,10 @@ impl ControlPlane {
             health_service,
             gatherer.clone(),
             Arc::clone(&view),
+            node_service::TopologyViews {
+                ring: views.ring.subscribe(),
+                health: views.health.subscribe(),
+            },
             peer_service::PeerControl {
                 membership: membership_tx.clone(),
                 cores,

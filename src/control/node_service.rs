@@ -1,12 +1,61 @@
 //! NodeService, served on the control plane: Stats (every core's figures), Layout (how to
-//! reach this node's cores) and Members (the member table and ring shares).
+//! reach this node's cores), Members (the member table and ring shares) and Topology (where
+//! keys live, for clients that place keys themselves; also as a stream of changes).
 
 use super::metrics_http::Gatherer;
 use crate::{
-    cluster::membership::{MemberState, SharedView},
+    cluster::{
+        membership::{Health, MemberState, SharedView},
+        ring::Ring,
+    },
     pb,
 };
+use futures_util::Stream;
+use std::{pin::Pin, sync::Arc};
+use tokio::sync::watch;
 use tonic::Status;
+
+/// The ring and the health verdicts, as the control plane publishes them to the cores.
+#[derive(Clone)]
+pub struct TopologyViews {
+    pub ring: watch::Receiver<Arc<Ring>>,
+    pub health: watch::Receiver<Arc<Health>>,
+}
+
+impl TopologyViews {
+    /// The topology as it stands.
+    fn reply(&self) -> pb::TopologyReply {
+        let ring = Arc::clone(&self.ring.borrow());
+        let health = Arc::clone(&self.health.borrow());
+        topology(&ring, &health)
+    }
+}
+
+/// `ring` and `health` as a client needs them; the version hashes what a client routes by.
+pub fn topology(ring: &Ring, health: &Health) -> pb::TopologyReply {
+    let nodes: Vec<pb::TopologyNode> = ring
+        .nodes()
+        .iter()
+        .map(|addr| pb::TopologyNode {
+            addr: addr.clone(),
+            down: health.get(addr) == Some(&MemberState::Down),
+        })
+        .collect();
+    let (positions, owners): (Vec<u64>, Vec<u32>) = ring.points().iter().copied().unzip();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(ring.replication_factor() as u64).to_le_bytes());
+    for n in &nodes {
+        h.update(n.addr.as_bytes());
+        h.update(&[0, n.down as u8]);
+    }
+    pb::TopologyReply {
+        version: h.digest(),
+        replication_factor: ring.replication_factor() as u32,
+        nodes,
+        positions,
+        owners,
+    }
+}
 
 pub struct NodeStats {
     pub gatherer: Gatherer,
@@ -15,6 +64,7 @@ pub struct NodeStats {
     pub write_quorum: usize,
     pub read_quorum: usize,
     pub layout: pb::LayoutReply,
+    pub topology: TopologyViews,
 }
 
 #[tonic::async_trait]
@@ -53,6 +103,7 @@ impl pb::node_service_server::NodeService for NodeStats {
                     expirations: c.engine.expirations,
                     queue_depth: c.in_flight,
                     replica_hops: c.replica_hops,
+                    client_hops: c.client_hops,
                     mean_latency_us: if count > 0 {
                         sum / count as f64 * 1e6
                     } else {
@@ -73,6 +124,42 @@ impl pb::node_service_server::NodeService for NodeStats {
         _: tonic::Request<pb::LayoutRequest>,
     ) -> Result<tonic::Response<pb::LayoutReply>, Status> {
         Ok(tonic::Response::new(self.layout))
+    }
+
+    async fn topology(
+        &self,
+        _: tonic::Request<pb::TopologyRequest>,
+    ) -> Result<tonic::Response<pb::TopologyReply>, Status> {
+        Ok(tonic::Response::new(self.topology.reply()))
+    }
+
+    type WatchTopologyStream =
+        Pin<Box<dyn Stream<Item = Result<pb::TopologyReply, Status>> + Send + 'static>>;
+
+    /// The topology at once, then each time its version changes; nothing while it does not
+    /// (a client at rest costs no requests).
+    async fn watch_topology(
+        &self,
+        _: tonic::Request<pb::TopologyRequest>,
+    ) -> Result<tonic::Response<Self::WatchTopologyStream>, Status> {
+        let mut views = self.topology.clone();
+        views.ring.mark_changed();
+        let stream = futures_util::stream::unfold((views, None), |(mut views, sent)| async move {
+            loop {
+                let changed = tokio::select! {
+                    r = views.ring.changed() => r,
+                    r = views.health.changed() => r,
+                };
+                // The node is stopping: the stream ends and the client asks another node.
+                changed.ok()?;
+                let reply = views.reply();
+                if sent != Some(reply.version) {
+                    let version = reply.version;
+                    return Some((Ok(reply), (views, Some(version))));
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 
     async fn members(

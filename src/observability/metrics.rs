@@ -65,6 +65,7 @@ pub struct CoreMetrics {
     rate_limited: Cell<u64>,
     shed: Cell<u64>,
     replica_hops: Cell<u64>,
+    client_hops: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -93,6 +94,11 @@ impl CoreMetrics {
     /// A replica request that arrived on a core not owning its key.
     pub fn replica_hop(&self) {
         bump(&self.replica_hops);
+    }
+
+    /// A client request (Get, Set, Delete) that arrived on a core not owning its key.
+    pub fn client_hop(&self) {
+        bump(&self.client_hops);
     }
 
     pub fn shed(&self) {
@@ -126,6 +132,7 @@ impl CoreMetrics {
             rate_limited: self.rate_limited.get(),
             shed: self.shed.get(),
             replica_hops: self.replica_hops.get(),
+            client_hops: self.client_hops.get(),
             in_flight,
             engine,
             panics,
@@ -181,6 +188,8 @@ pub struct CoreSnapshot {
     pub shed: u64,
     /// Replica requests that arrived here for a key another core owns (one hop each).
     pub replica_hops: u64,
+    /// Client requests that arrived here for a key another core owns (one hop each).
+    pub client_hops: u64,
     /// Calls this core has outstanding towards other cores.
     pub in_flight: u64,
     /// Totals of the shards this core owns.
@@ -346,6 +355,12 @@ impl Collector for SnapshotCollector {
             "cache_replica_hops",
             "Replica requests from peers that arrived on a core not owning their key and took one hop to it (a peer without this node's layout, or a connection to ADDR).",
             &per_core(&|c| c.replica_hops),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_client_hops",
+            "Client requests (Get, Set, Delete) that arrived on a core not owning their key and took one hop to it (a client that does not place keys by core).",
+            &per_core(&|c| c.client_hops),
         )?;
         counter_family(
             &mut encoder,

@@ -2,16 +2,7 @@
 //! anti-entropy's digest tree, and the bitmap that names a set of them. Pure; used by the
 //! ring, by every core's shards (which keep a digest per bucket) and by the control plane.
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-/// Seed of key positions; distinct from the shard hash so ring and shard choice are independent.
-const KEY_SEED: u64 = 0x5eed_0fc0_ffee;
-
-/// Position of a key on the ring.
-#[inline]
-pub fn key_position(key: &[u8]) -> u64 {
-    xxh3_64_with_seed(key, KEY_SEED)
-}
+pub use placement::key_position;
 
 /// The ring is cut into `BUCKETS` equal buckets, the leaves of the anti-entropy digest tree
 /// and the unit of data movement. Ring points sit on bucket boundaries, so every key of a

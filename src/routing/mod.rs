@@ -9,24 +9,20 @@
 pub mod buckets;
 pub mod steer;
 
-use xxhash_rust::xxh3::xxh3_64;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub u32);
 
 /// The shard that holds `key`, out of `num_shards`.
 #[inline]
 pub fn shard_of(key: &[u8], num_shards: u32) -> ShardId {
-    // Multiply-shift instead of modulo: one multiplication, and it uses the high bits of the
-    // hash, which xxh3 mixes as well as the low ones.
-    ShardId(((xxh3_64(key) as u128 * num_shards as u128) >> 64) as u32)
+    ShardId(placement::shard_of(key, num_shards))
 }
 
 /// The core that owns `shard`: shards are dealt round-robin, so every core that owns any owns
 /// `num_shards / nr_cores` of them, give or take one.
 #[inline]
 pub fn owner_core(shard: ShardId, nr_cores: usize) -> usize {
-    shard.0 as usize % nr_cores
+    placement::owner_core(shard.0, nr_cores)
 }
 
 /// Position of `shard` among the shards its owner holds.
@@ -73,6 +69,7 @@ mod tests {
 
     #[test]
     fn shard_hash_is_stable() {
+        use xxhash_rust::xxh3::xxh3_64;
         // Pinned values: a change here moves every key of a running cluster.
         assert_eq!(xxh3_64(b"foo"), 0xab6e5f64077e7d8a);
         assert_eq!(shard_of(b"foo", 64), shard_of(b"foo", 64));

@@ -162,7 +162,6 @@ pub fn connect_to_core(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let (lo, hi) = local_port_range();
-    let cores = cores.max(1);
     // Start anywhere in the range, so nodes that start together do not all try one port.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -170,8 +169,7 @@ pub fn connect_to_core(
         .unwrap_or(0)
         ^ std::process::id().wrapping_mul(2_654_435_761);
     let span = (hi - lo) as u32 + 1;
-    let mut port = lo as u32 + seed % span;
-    port += (core + cores - port % cores) % cores;
+    let mut port = placement::port_for_core((lo as u32 + seed % span) as u16, core, cores, lo, hi);
     let local: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -179,14 +177,11 @@ pub fn connect_to_core(
     };
     let mut last = io::Error::new(io::ErrorKind::AddrInUse, "no free source port");
     for _ in 0..64 {
-        if port > hi as u32 {
-            port = lo as u32 + (core + cores - lo as u32 % cores) % cores;
-        }
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         // A port whose earlier connection is in TIME_WAIT may be bound again.
         socket.set_reuse_address(true)?;
         let mut from = local;
-        from.set_port(port as u16);
+        from.set_port(port);
         match socket.bind(&SockAddr::from(from)) {
             Ok(()) => match socket.connect_timeout(&SockAddr::from(addr), timeout) {
                 Ok(()) => {
@@ -200,7 +195,7 @@ pub fn connect_to_core(
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
             Err(e) => return Err(e),
         }
-        port += cores;
+        port = placement::port_for_core(port.saturating_add(1), core, cores, lo, hi);
     }
     Err(last)
 }

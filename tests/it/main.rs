@@ -16,6 +16,7 @@ mod limits;
 mod metrics;
 mod movement;
 mod shutdown;
+mod smart_client;
 mod steering;
 mod support;
 mod taskset;

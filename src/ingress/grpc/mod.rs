@@ -284,6 +284,15 @@ impl CoreCtx {
         }
     }
 
+    /// The shard of a client's `key`, counting the hop when another core owns it.
+    fn client_shard(&self, key: &[u8]) -> ShardId {
+        let shard = self.shard(key);
+        if owner_core(shard, self.router.nr_cores()) != self.router.core() {
+            self.metrics.client_hop();
+        }
+        shard
+    }
+
     /// Executes `command` on the core that owns `shard`.
     async fn route(
         self: &Rc<Self>,
@@ -447,7 +456,12 @@ async fn get(
     let level = level_of(m.consistency)?;
     let key = m.key.into_bytes();
     let reply = match ctx
-        .route(ctx.shard(&key), Command::Get { key }, deadline, level)
+        .route(
+            ctx.client_shard(&key),
+            Command::Get { key },
+            deadline,
+            level,
+        )
         .await
     {
         Ok(reply) => {
@@ -503,7 +517,7 @@ async fn set(
     let key = m.key.into_bytes();
     let reply = ctx
         .route(
-            ctx.shard(&key),
+            ctx.client_shard(&key),
             Command::Set {
                 key,
                 value,
@@ -531,7 +545,12 @@ async fn delete(
     let level = level_of(m.consistency)?;
     let key = m.key.into_bytes();
     match ctx
-        .route(ctx.shard(&key), Command::Delete { key }, deadline, level)
+        .route(
+            ctx.client_shard(&key),
+            Command::Delete { key },
+            deadline,
+            level,
+        )
         .await?
     {
         Reply::Deleted { existed } => Ok(pb::DeleteResponse { deleted: existed }),

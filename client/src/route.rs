@@ -1,0 +1,344 @@
+//! The client's picture of the cluster and its connections: the topology, followed on one
+//! `WatchTopology` stream (re-opened on another node when it ends); each node's layout,
+//! asked once per node; and one HTTP/2 connection per (node, core), opened on first use from a
+//! source port that the node's shard-aware port steers to that core.
+
+use crate::{
+    pb::{self, node_service_client::NodeServiceClient},
+    Config, Error,
+};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio::sync::{watch, OnceCell};
+use tonic::{
+    transport::{Channel, Endpoint},
+    Status,
+};
+
+/// The topology as the client places keys with it.
+#[derive(Debug, Default)]
+struct Topology {
+    version: u64,
+    replication_factor: usize,
+    /// (address, held down).
+    nodes: Vec<(String, bool)>,
+    points: Vec<(u64, u32)>,
+}
+
+impl Topology {
+    fn from_pb(t: pb::TopologyReply) -> Topology {
+        Topology {
+            version: t.version,
+            replication_factor: t.replication_factor as usize,
+            nodes: t.nodes.into_iter().map(|n| (n.addr, n.down)).collect(),
+            points: t.positions.into_iter().zip(t.owners).collect(),
+        }
+    }
+}
+
+/// How to reach one node's cores.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    cores: u32,
+    num_shards: u32,
+    /// None: the node has no shard-aware port; requests go to its ADDR.
+    shard_addr: Option<SocketAddr>,
+}
+
+/// One node's connections.
+#[derive(Default)]
+struct Node {
+    layout: OnceCell<Layout>,
+    /// To its ADDR: for its layout, and for requests when it has no shard-aware port.
+    plain: OnceCell<Channel>,
+    /// By core, through its shard-aware port.
+    cores: Mutex<HashMap<u32, Arc<OnceCell<Channel>>>>,
+}
+
+pub struct Router {
+    topology: watch::Receiver<Arc<Topology>>,
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    /// Nodes a request just failed to reach, until when they are asked last.
+    avoid: Mutex<HashMap<String, Instant>>,
+    connect_timeout: Duration,
+}
+
+/// How long a node that just failed a request is asked after the key's other replicas.
+const AVOID_FOR: Duration = Duration::from_secs(1);
+
+impl Router {
+    /// Follows the topology from `config.seeds`; returns once it is known.
+    pub async fn start(config: &Config) -> Result<Arc<Router>, Error> {
+        let (tx, rx) = watch::channel(Arc::new(Topology::default()));
+        let router = Arc::new(Router {
+            topology: rx,
+            nodes: Mutex::default(),
+            avoid: Mutex::default(),
+            connect_timeout: config.timeout,
+        });
+        let mut known = router.topology.clone();
+        tokio::spawn(follow(
+            Arc::downgrade(&router),
+            config.seeds.clone(),
+            config.max_backoff,
+            tx,
+        ));
+        let first = tokio::time::timeout(config.timeout, async {
+            known.wait_for(|t| !t.nodes.is_empty()).await.is_ok()
+        })
+        .await;
+        match first {
+            Ok(true) => Ok(router),
+            _ => Err(Error::NoTopology(format!(
+                "none of {:?} answered NodeService.WatchTopology within {:?}",
+                config.seeds, config.timeout
+            ))),
+        }
+    }
+
+    /// The key's replicas: those not down and not just failed first, each group in ring order.
+    pub fn replicas(&self, key: &[u8]) -> Vec<String> {
+        let t = Arc::clone(&self.topology.borrow());
+        let now = Instant::now();
+        let avoid = self.avoid.lock().map(|a| a.clone()).unwrap_or_default();
+        let mut all: Vec<(bool, String)> = placement::replicas_at(
+            &t.points,
+            t.replication_factor,
+            placement::key_position(key),
+        )
+        .filter_map(|i| t.nodes.get(i as usize))
+        .map(|(addr, down)| {
+            let avoided = avoid.get(addr).is_some_and(|until| *until > now);
+            (*down || avoided, addr.clone())
+        })
+        .collect();
+        // Stable: ring order within each group.
+        all.sort_by_key(|(last, _)| *last);
+        all.into_iter().map(|(_, addr)| addr).collect()
+    }
+
+    /// A request to `node` failed on its connection: ask it last for a while, and dial again.
+    pub fn failed(&self, node: &str) {
+        if let Ok(mut avoid) = self.avoid.lock() {
+            avoid.insert(node.to_string(), Instant::now() + AVOID_FOR);
+        }
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.remove(node);
+        }
+    }
+
+    /// Drops what the client knew of nodes that went down or came up between `old` and
+    /// `new`: one that restarted may have other cores or another shard-aware port.
+    fn forget_changed(&self, old: &Topology, new: &Topology) {
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return;
+        };
+        for (addr, down) in &new.nodes {
+            if !old.nodes.iter().any(|(a, d)| a == addr && d == down) {
+                nodes.remove(addr);
+            }
+        }
+    }
+
+    fn node(&self, addr: &str) -> Arc<Node> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(nodes.entry(addr.to_string()).or_default())
+    }
+
+    /// The connection for `key` on `addr`: to the core that owns it, once the node's layout
+    /// is known; an error means nothing was sent.
+    pub async fn channel(&self, addr: &str, key: &[u8]) -> Result<Channel, Status> {
+        let node = self.node(addr);
+        let plain = node
+            .plain
+            .get_or_try_init(|| connect_plain(addr, self.connect_timeout))
+            .await?
+            .clone();
+        let layout = *node
+            .layout
+            .get_or_try_init(|| ask_layout(addr, plain.clone()))
+            .await?;
+        let Some(shard_addr) = layout.shard_addr else {
+            return Ok(plain);
+        };
+        let core = placement::core_of(key, layout.num_shards, layout.cores as usize) as u32;
+        let cell = {
+            let mut cores = node.cores.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(cores.entry(core).or_default())
+        };
+        let channel = cell
+            .get_or_try_init(|| {
+                connect_to_core(addr, shard_addr, core, layout.cores, self.connect_timeout)
+            })
+            .await?;
+        Ok(channel.clone())
+    }
+}
+
+fn unavailable(addr: &str, e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("cannot reach {addr}: {e}"))
+}
+
+async fn connect_plain(addr: &str, timeout: Duration) -> Result<Channel, Status> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| unavailable(addr, e))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| unavailable(addr, e))
+}
+
+async fn ask_layout(addr: &str, plain: Channel) -> Result<Layout, Status> {
+    let l = NodeServiceClient::new(plain)
+        .layout(pb::LayoutRequest {})
+        .await?
+        .into_inner();
+    let shard_addr = if l.shard_port == 0 {
+        None
+    } else {
+        let mut a = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| unavailable(addr, e))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| unavailable(addr, "no IPv4 address"))?;
+        a.set_port(l.shard_port as u16);
+        Some(a)
+    };
+    Ok(Layout {
+        cores: l.cores.max(1),
+        num_shards: l.num_shards.max(1),
+        shard_addr,
+    })
+}
+
+/// A connection to `shard_addr` from a source port its node steers to `core`; when the
+/// channel reconnects, it picks such a port again.
+async fn connect_to_core(
+    addr: &str,
+    shard_addr: SocketAddr,
+    core: u32,
+    cores: u32,
+    timeout: Duration,
+) -> Result<Channel, Status> {
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
+        let stream = dial_from_core_port(shard_addr, core, cores).await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    // The authority names the node (its ADDR), as a request to ADDR would.
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| unavailable(addr, e))?
+        .connect_timeout(timeout)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| unavailable(addr, e))
+}
+
+/// Linux's ephemeral port range, where a client's source ports come from.
+fn local_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .filter(|(lo, hi)| lo < hi)
+        .unwrap_or((32768, 60999))
+}
+
+async fn dial_from_core_port(
+    to: SocketAddr,
+    core: u32,
+    cores: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let (lo, hi) = local_port_range();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let span = (hi - lo) as u32 + 1;
+    let mut port = placement::port_for_core((lo as u32 + seed % span) as u16, core, cores, lo, hi);
+    let mut last = std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free source port");
+    for _ in 0..64 {
+        let socket = if to.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        let from: SocketAddr = if to.is_ipv4() {
+            ([0, 0, 0, 0], port).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        };
+        match socket.bind(from) {
+            Ok(()) => match socket.connect(to).await {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => last = e,
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(e),
+        }
+        port = placement::port_for_core(port.saturating_add(1), core, cores, lo, hi);
+    }
+    Err(last)
+}
+
+/// Keeps `tx` current from one WatchTopology stream at a time: the seeds and the nodes of
+/// the last topology are tried in turn, backing off while none answers. Ends with the client.
+async fn follow(
+    router: std::sync::Weak<Router>,
+    seeds: Vec<String>,
+    max_backoff: Duration,
+    tx: watch::Sender<Arc<Topology>>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut turn = 0usize;
+    loop {
+        if router.strong_count() == 0 {
+            return;
+        }
+        let mut candidates: Vec<String> = tx.borrow().nodes.iter().map(|n| n.0.clone()).collect();
+        for s in &seeds {
+            if !candidates.contains(s) {
+                candidates.push(s.clone());
+            }
+        }
+        turn = turn.wrapping_add(1);
+        let addr = candidates[turn % candidates.len().max(1)].clone();
+        if let Ok(channel) = connect_plain(&addr, Duration::from_secs(1)).await {
+            let mut client = NodeServiceClient::new(channel);
+            if let Ok(stream) = client.watch_topology(pb::TopologyRequest {}).await {
+                let mut stream = stream.into_inner();
+                backoff = Duration::from_millis(50);
+                loop {
+                    let t = tokio::select! {
+                        m = stream.message() => match m {
+                            Ok(Some(t)) => t,
+                            _ => break,
+                        },
+                        // Every clone of the client is gone.
+                        _ = tx.closed() => return,
+                    };
+                    let t = Topology::from_pb(t);
+                    if t.version != tx.borrow().version {
+                        if let Some(router) = router.upgrade() {
+                            router.forget_changed(&tx.borrow(), &t);
+                        }
+                        let _ = tx.send(Arc::new(t));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
