@@ -1,11 +1,9 @@
 //! The operator's command line: `distributed-cache <subcommand>` talks gRPC to a running node.
 //! Run bare (or as `serve`), the binary is the node itself. Runs on the main thread with a
-//! small tokio runtime; not part of the node.
+//! small tokio runtime; not part of the node. get, set and del go through the shard-aware
+//! client (`cache-client`), seeded with `--addr`: to a replica of the key, on its core.
 
-use crate::pb::{
-    cache_service_client::CacheServiceClient, get_response, node_service_client::NodeServiceClient,
-    set_request, Consistency, DeleteRequest, GetRequest, SetRequest, StatsRequest,
-};
+use crate::pb::{node_service_client::NodeServiceClient, StatsRequest};
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -89,6 +87,23 @@ async fn channel(t: &Target) -> anyhow::Result<Channel> {
         })
 }
 
+/// The shard-aware client, seeded with the target; its deadline is the target's timeout.
+async fn client(t: &Target) -> anyhow::Result<cache_client::Client> {
+    let mut config = cache_client::Config::new([t.addr.clone()]);
+    config.timeout = Duration::from_secs_f64(t.timeout.max(0.001));
+    cache_client::Client::connect(config)
+        .await
+        .map_err(|e| client_error(t, e))
+}
+
+fn client_error(t: &Target, e: cache_client::Error) -> anyhow::Error {
+    match e {
+        // Its message names each seed it could not reach, and why.
+        cache_client::Error::NoTopology(why) => anyhow::anyhow!("{why}"),
+        e => anyhow::anyhow!("{} answered {e}", t.addr),
+    }
+}
+
 fn status_error(t: &Target, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} answered {:?}: {}", t.addr, s.code(), s.message())
 }
@@ -120,29 +135,26 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             consistency,
             target,
         } => {
-            let consistency = match consistency.as_str() {
-                "one" => Consistency::One,
-                "all" => Consistency::All,
-                "linearizable" => Consistency::Linearizable,
-                _ => Consistency::Quorum,
+            let level = match consistency.as_str() {
+                "one" => cache_client::Consistency::One,
+                "all" => cache_client::Consistency::All,
+                "linearizable" => cache_client::Consistency::Linearizable,
+                _ => cache_client::Consistency::Quorum,
             };
-            let mut c = CacheServiceClient::new(channel(&target).await?);
-            let resp = c
-                .get(GetRequest {
-                    key,
-                    consistency: consistency as i32,
-                })
+            let c = client(&target).await?;
+            let opts = cache_client::Options::default().consistency(level);
+            match c
+                .get_with(&key, opts)
                 .await
-                .map_err(|s| status_error(&target, s))?
-                .into_inner();
-            match resp.payload {
-                Some(get_response::Payload::Value(v)) => println!("{v}"),
-                Some(get_response::Payload::ValueBytes(b)) => {
+                .map_err(|e| client_error(&target, e))?
+            {
+                Some(cache_client::Value::Text(v)) => println!("{v}"),
+                Some(cache_client::Value::Bytes(b)) => {
                     use std::io::Write;
                     std::io::stdout().write_all(&b)?;
                     println!();
                 }
-                None => println!(),
+                None => anyhow::bail!("{} answered NotFound: key {key:?} not found", target.addr),
             }
         }
         Command::Set {
@@ -151,31 +163,17 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             ttl,
             target,
         } => {
-            let mut c = CacheServiceClient::new(channel(&target).await?);
-            let resp = c
-                .set(SetRequest {
-                    key,
-                    payload: Some(set_request::Payload::Value(value)),
-                    ttl_seconds: ttl,
-                    ..Default::default()
-                })
+            let c = client(&target).await?;
+            let v = c
+                .set(&key, value, ttl.map(Duration::from_secs))
                 .await
-                .map_err(|s| status_error(&target, s))?
-                .into_inner();
-            let v = resp.version.unwrap_or_default();
+                .map_err(|e| client_error(&target, e))?;
             println!("OK version {}.{}", v.hlc, v.node);
         }
         Command::Del { key, target } => {
-            let mut c = CacheServiceClient::new(channel(&target).await?);
-            let resp = c
-                .delete(DeleteRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| status_error(&target, s))?
-                .into_inner();
-            println!("{}", if resp.deleted { "deleted" } else { "not found" });
+            let c = client(&target).await?;
+            let deleted = c.delete(&key).await.map_err(|e| client_error(&target, e))?;
+            println!("{}", if deleted { "deleted" } else { "not found" });
         }
         Command::Stats(t) => {
             let mut c = NodeServiceClient::new(channel(&t).await?);

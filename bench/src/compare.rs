@@ -228,6 +228,8 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
     // Pre-populate each store once, so Gets hit from the first round.
     for s in &servers {
         let mut o = opts.load.to_opts(vec![s.addr.clone()], true);
+        // Pre-populating needs no routing; the baselines have no topology to follow.
+        o.smart = false;
         o.prepopulate = true;
         o.duration = Duration::from_millis(1);
         o.warmup = Duration::ZERO;
@@ -246,7 +248,9 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
             } else {
                 Vec::new()
             };
-            let o = opts.load.to_opts(vec![s.addr.clone()], true);
+            let mut o = opts.load.to_opts(vec![s.addr.clone()], true);
+            // --client smart applies to the nodes; the baselines only speak CacheService.
+            o.smart &= is_node;
             let rep = run::run(&o)
                 .await
                 .with_context(|| format!("round {round} on {}", s.label))?;
@@ -387,6 +391,7 @@ async fn measure_memory(
         };
         let idle = stats::rss_bytes(server.child.id()).unwrap_or(0);
         let mut o = opts.load.to_opts(vec![server.addr.clone()], true);
+        o.smart = false;
         o.workload.keys = n;
         o.prepopulate = true;
         o.duration = Duration::from_millis(1);

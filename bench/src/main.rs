@@ -131,6 +131,18 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value = "quorum")]
     #[serde(skip)]
     consistency: Level,
+    /// plain: each connection to one target, requests sent where they land; smart: the
+    /// shard-aware client (cache-client), each request to a replica of its key on the core
+    /// that owns it (the targets are its seeds; one client per load thread).
+    #[arg(long, value_enum, default_value = "plain")]
+    #[serde(skip)]
+    client: ClientKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ClientKind {
+    Plain,
+    Smart,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -175,6 +187,7 @@ impl LoadArgs {
             prepopulate: self.prepopulate,
             rpc_timeout: Duration::from_secs_f64(self.rpc_timeout),
             seed: self.seed,
+            smart: self.client == ClientKind::Smart,
             quiet,
         }
     }

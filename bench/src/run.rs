@@ -44,6 +44,8 @@ pub struct RunOpts {
     pub prepopulate: bool,
     pub rpc_timeout: Duration,
     pub seed: u64,
+    /// Requests through the shard-aware client instead of the plain connections.
+    pub smart: bool,
     pub quiet: bool,
 }
 
@@ -101,6 +103,8 @@ fn client(conn: &Conn, target: &str) -> Client {
 struct Conns {
     /// (connection index, target, connection)
     mine: Vec<(usize, String, Conn)>,
+    /// This thread's shard-aware client, when the run uses one.
+    smart: Option<cache_client::Client>,
 }
 
 impl Conns {
@@ -145,6 +149,7 @@ impl Pool {
                 .map(|i| (i, opts.targets[i % opts.targets.len()].clone()))
                 .collect();
             let timeout = opts.rpc_timeout;
+            let smart_seeds = opts.smart.then(|| opts.targets.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("load-{t}"))
                 .spawn(move || {
@@ -169,8 +174,24 @@ impl Pool {
                                 }
                             }
                         }
+                        let smart = match smart_seeds {
+                            Some(seeds) => {
+                                let mut config = cache_client::Config::new(seeds);
+                                config.timeout = timeout;
+                                // The workers bound what is in flight themselves.
+                                config.max_in_flight = usize::MAX >> 4;
+                                match cache_client::Client::connect(config).await {
+                                    Ok(c) => Some(c),
+                                    Err(e) => {
+                                        let _ = ready_tx.send(Err(e.into()));
+                                        return;
+                                    }
+                                }
+                            }
+                            None => None,
+                        };
                         let _ = ready_tx.send(Ok(()));
-                        let conns = Arc::new(Conns { mine });
+                        let conns = Arc::new(Conns { mine, smart });
                         while let Some(job) = jobs_rx.recv().await {
                             job(Arc::clone(&conns)).await;
                         }
@@ -309,6 +330,7 @@ impl Request {
 #[allow(clippy::too_many_arguments)]
 async fn worker(
     conn: Conn,
+    smart: Option<cache_client::Client>,
     target: String,
     mut generator: Generator,
     w: Workload,
@@ -342,6 +364,22 @@ async fn worker(
         };
         let key = key_for(generator.key_index(), w.key_bytes);
         let op = generator.op();
+        if let Some(smart) = &smart {
+            let outcome = smart_call(smart, op, &key, &value, &w, req.timeout).await;
+            rec.record_latency(sent_from.elapsed().as_micros() as u64);
+            match outcome {
+                Ok(hit) => {
+                    rec.ok += 1;
+                    if op == Op::Get {
+                        rec.gets += 1;
+                        rec.hits += hit as u64;
+                    }
+                }
+                Err(code) => *rec.errors.entry(code).or_default() += 1,
+            }
+            phase.done.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let call = async {
             match op {
                 Op::Get => client
@@ -402,6 +440,39 @@ async fn worker(
     rec
 }
 
+/// One request through the shard-aware client: Ok(hit) or the name of its error.
+async fn smart_call(
+    client: &cache_client::Client,
+    op: Op,
+    key: &str,
+    value: &str,
+    w: &Workload,
+    timeout: Duration,
+) -> Result<bool, String> {
+    use cache_client::{Consistency, Options};
+    let level = match w.consistency {
+        1 => Consistency::One,
+        2 => Consistency::All,
+        3 => Consistency::Linearizable,
+        _ => Consistency::Quorum,
+    };
+    let opts = Options::default().consistency(level).timeout(timeout);
+    let result = match op {
+        Op::Get => client.get_with(key, opts).await.map(|v| v.is_some()),
+        Op::Set => client.set_with(key, value, None, opts).await.map(|_| false),
+        Op::Delete => client.delete_with(key, opts).await.map(|_| false),
+    };
+    result.map_err(|e| match e {
+        cache_client::Error::InvalidArgument(_) => "InvalidArgument".into(),
+        cache_client::Error::Unavailable(_) => "Unavailable".into(),
+        cache_client::Error::DeadlineExceeded(_) => "DeadlineExceeded".into(),
+        cache_client::Error::ResourceExhausted(_) => "ResourceExhausted".into(),
+        cache_client::Error::TooManyInFlight { .. } => "TooManyInFlight".into(),
+        cache_client::Error::NoTopology(_) => "NoTopology".into(),
+        cache_client::Error::Status { code, .. } => format!("{:?}", Code::from(code)),
+    })
+}
+
 async fn run_phase(
     pool: &Pool,
     opts: &RunOpts,
@@ -433,6 +504,7 @@ async fn run_phase(
                         Generator::new(&w, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
                     tasks.push(tokio::spawn(worker(
                         conn.clone(),
+                        conns.smart.clone(),
                         target.to_string(),
                         generator,
                         w.clone(),
@@ -503,7 +575,20 @@ pub async fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         run_phase(&pool, opts, opts.warmup, None, opts.seed ^ 0x5eed, false).await;
     }
     let show = !opts.quiet && std::io::stderr().is_terminal();
+    let updates = || {
+        pool.each(|conns: Arc<Conns>| async move {
+            conns.smart.as_ref().map_or(0, |c| c.topology_updates())
+        })
+    };
+    let before: u64 = updates().await.into_iter().sum();
     let (rec, seconds) =
         run_phase(&pool, opts, opts.duration, opts.requests, opts.seed, show).await;
+    if opts.smart && !opts.quiet {
+        let during: u64 = updates().await.into_iter().sum::<u64>() - before;
+        println!(
+            "  topology       {during} messages to the smart clients ({} threads) in {seconds:.2}s",
+            pool.jobs.len()
+        );
+    }
     Ok(report(&rec, seconds))
 }

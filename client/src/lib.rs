@@ -171,6 +171,20 @@ impl From<&[u8]> for Value {
     }
 }
 
+/// The version a write was stored with: a hybrid logical clock timestamp (physical
+/// microseconds << 12 | a logical counter) and the id of the node that issued it; newer
+/// versions win, ordered by `hlc`, then `node`.
+///
+/// ```
+/// let v = cache_client::Version { hlc: 1 << 12, node: 7 };
+/// assert!(v < cache_client::Version { hlc: 2 << 12, node: 0 });
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Version {
+    pub hlc: u64,
+    pub node: u32,
+}
+
 /// Why a call failed. A missing key is not an error: [`Client::get`] answers `Ok(None)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -276,13 +290,15 @@ impl Client {
         }
     }
 
-    /// Stores `value` under `key`, expiring after `ttl` (None: the node's TTL default).
+    /// Stores `value` under `key`; returns the version it was stored with. `ttl`: None
+    /// for the node's default (its `TTL`), `Some(Duration::ZERO)` for never, else the time
+    /// to live, rounded up to whole seconds.
     pub async fn set(
         &self,
         key: &str,
         value: impl Into<Value>,
         ttl: Option<Duration>,
-    ) -> Result<(), Error> {
+    ) -> Result<Version, Error> {
         self.set_with(key, value, ttl, Options::default()).await
     }
 
@@ -293,7 +309,7 @@ impl Client {
         value: impl Into<Value>,
         ttl: Option<Duration>,
         opts: Options,
-    ) -> Result<(), Error> {
+    ) -> Result<Version, Error> {
         let payload = match value.into() {
             Value::Text(s) => set_request::Payload::Value(s),
             Value::Bytes(b) => set_request::Payload::ValueBytes(b),
@@ -301,8 +317,7 @@ impl Client {
         let req = pb::SetRequest {
             key: key.to_string(),
             payload: Some(payload),
-            // Whole seconds, at least one: a TTL under a second still expires.
-            ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
+            ttl_seconds: ttl.map(|t| t.as_secs() + u64::from(t.subsec_nanos() > 0)),
             consistency: opts.consistency.unwrap_or(self.config.consistency).pb(),
         };
         self.call(
@@ -313,7 +328,13 @@ impl Client {
             req,
         )
         .await
-        .map(|_| ())
+        .map(|r| {
+            let v = r.version.unwrap_or_default();
+            Version {
+                hlc: v.hlc,
+                node: v.node,
+            }
+        })
         .map_err(Error::from)
     }
 
@@ -338,6 +359,23 @@ impl Client {
         .await
         .map(|r| r.deleted)
         .map_err(Error::from)
+    }
+
+    /// Topology messages the client received so far: one when it connects, then one per
+    /// change of the cluster (a node joining, leaving, going down or coming back). A client at
+    /// rest receives none and sends no request.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) {
+    /// let before = client.topology_updates();
+    /// tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    /// println!("{} topology messages in 10 s", client.topology_updates() - before);
+    /// # }
+    /// ```
+    pub fn topology_updates(&self) -> u64 {
+        self.router
+            .updates
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The nodes holding `key`, in the order the client asks them (replicas that are up
@@ -372,17 +410,28 @@ impl Client {
         let timeout = opts.timeout.unwrap_or(self.config.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = Status::unavailable(format!("no replica of {key:?} in the topology"));
-        for node in self.router.replicas(key.as_bytes()) {
+        // The key's replicas on their owning cores, then the seeds as plain coordinators: the
+        // addresses the cluster gives itself may not be reachable from here (a NAT, published
+        // container ports) while the seeds are.
+        let routed = self
+            .router
+            .replicas(key.as_bytes())
+            .into_iter()
+            .map(|n| (n, true));
+        let seeds = self.config.seeds.iter().map(|s| (s.clone(), false));
+        for (node, on_core) in routed.chain(seeds) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 return Err(Status::deadline_exceeded("no answer before the deadline"));
             }
-            let channel = match tokio::time::timeout(
-                left,
-                self.router.channel(&node, key.as_bytes()),
-            )
-            .await
-            {
+            let connect = async {
+                if on_core {
+                    self.router.channel(&node, key.as_bytes()).await
+                } else {
+                    self.router.plain(&node).await
+                }
+            };
+            let channel = match tokio::time::timeout(left, connect).await {
                 Ok(Ok(c)) => c,
                 // Never sent: any request may go to the next replica.
                 Ok(Err(s)) => {

@@ -61,6 +61,8 @@ struct Node {
 
 pub struct Router {
     topology: watch::Receiver<Arc<Topology>>,
+    /// Topology messages received so far (the first included).
+    pub updates: std::sync::atomic::AtomicU64,
     nodes: Mutex<HashMap<String, Arc<Node>>>,
     /// Nodes a request just failed to reach, until when they are asked last.
     avoid: Mutex<HashMap<String, Instant>>,
@@ -76,16 +78,38 @@ impl Router {
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
         let router = Arc::new(Router {
             topology: rx,
+            updates: std::sync::atomic::AtomicU64::new(0),
             nodes: Mutex::default(),
             avoid: Mutex::default(),
             connect_timeout: config.timeout,
         });
+        // The seeds in turn, once, before the caller is told anything: a client whose seeds
+        // all refuse fails at once, naming why.
+        let mut first = None;
+        let mut why = Vec::new();
+        for seed in &config.seeds {
+            match tokio::time::timeout(config.timeout, open_watch(seed, config.timeout)).await {
+                Ok(Ok(stream)) => {
+                    first = Some(stream);
+                    break;
+                }
+                Ok(Err(s)) => why.push(s.message().to_string()),
+                Err(_) => why.push(format!(
+                    "cannot reach {seed}: no answer within {:?}",
+                    config.timeout
+                )),
+            }
+        }
+        let Some(first) = first else {
+            return Err(Error::NoTopology(why.join("; ")));
+        };
         let mut known = router.topology.clone();
         tokio::spawn(follow(
             Arc::downgrade(&router),
             config.seeds.clone(),
             config.max_backoff,
             tx,
+            Some(first),
         ));
         let first = tokio::time::timeout(config.timeout, async {
             known.wait_for(|t| !t.nodes.is_empty()).await.is_ok()
@@ -149,6 +173,16 @@ impl Router {
         Arc::clone(nodes.entry(addr.to_string()).or_default())
     }
 
+    /// The connection to `addr`'s ADDR, where any request may go (the node coordinates it).
+    pub async fn plain(&self, addr: &str) -> Result<Channel, Status> {
+        let node = self.node(addr);
+        let plain = node
+            .plain
+            .get_or_try_init(|| connect_plain(addr, self.connect_timeout))
+            .await?;
+        Ok(plain.clone())
+    }
+
     /// The connection for `key` on `addr`: to the core that owns it, once the node's layout
     /// is known; an error means nothing was sent.
     pub async fn channel(&self, addr: &str, key: &[u8]) -> Result<Channel, Status> {
@@ -183,6 +217,17 @@ fn unavailable(addr: &str, e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("cannot reach {addr}: {e}"))
 }
 
+/// tonic's transport errors say only "transport error"; the cause is at the end of the chain.
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    cause
+}
+
 async fn connect_plain(addr: &str, timeout: Duration) -> Result<Channel, Status> {
     Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| unavailable(addr, e))?
@@ -190,7 +235,19 @@ async fn connect_plain(addr: &str, timeout: Duration) -> Result<Channel, Status>
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| unavailable(addr, e))
+        .map_err(|e| unavailable(addr, cause(&e)))
+}
+
+/// A WatchTopology stream from the node at `addr`.
+async fn open_watch(
+    addr: &str,
+    timeout: Duration,
+) -> Result<tonic::Streaming<pb::TopologyReply>, Status> {
+    let channel = connect_plain(addr, timeout).await?;
+    Ok(NodeServiceClient::new(channel)
+        .watch_topology(pb::TopologyRequest {})
+        .await?
+        .into_inner())
 }
 
 async fn ask_layout(addr: &str, plain: Channel) -> Result<Layout, Status> {
@@ -235,7 +292,7 @@ async fn connect_to_core(
         .connect_timeout(timeout)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| unavailable(addr, e))
+        .map_err(|e| unavailable(addr, cause(&e)))
 }
 
 /// Linux's ephemeral port range, where a client's source ports come from.
@@ -299,6 +356,7 @@ async fn follow(
     seeds: Vec<String>,
     max_backoff: Duration,
     tx: watch::Sender<Arc<Topology>>,
+    mut next: Option<tonic::Streaming<pb::TopologyReply>>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut turn = 0usize;
@@ -306,35 +364,42 @@ async fn follow(
         if router.strong_count() == 0 {
             return;
         }
-        let mut candidates: Vec<String> = tx.borrow().nodes.iter().map(|n| n.0.clone()).collect();
-        for s in &seeds {
-            if !candidates.contains(s) {
-                candidates.push(s.clone());
-            }
-        }
-        turn = turn.wrapping_add(1);
-        let addr = candidates[turn % candidates.len().max(1)].clone();
-        if let Ok(channel) = connect_plain(&addr, Duration::from_secs(1)).await {
-            let mut client = NodeServiceClient::new(channel);
-            if let Ok(stream) = client.watch_topology(pb::TopologyRequest {}).await {
-                let mut stream = stream.into_inner();
-                backoff = Duration::from_millis(50);
-                loop {
-                    let t = tokio::select! {
-                        m = stream.message() => match m {
-                            Ok(Some(t)) => t,
-                            _ => break,
-                        },
-                        // Every clone of the client is gone.
-                        _ = tx.closed() => return,
-                    };
-                    let t = Topology::from_pb(t);
-                    if t.version != tx.borrow().version {
-                        if let Some(router) = router.upgrade() {
-                            router.forget_changed(&tx.borrow(), &t);
-                        }
-                        let _ = tx.send(Arc::new(t));
+        let opened = match next.take() {
+            Some(stream) => Some(stream),
+            None => {
+                let mut candidates: Vec<String> =
+                    tx.borrow().nodes.iter().map(|n| n.0.clone()).collect();
+                for s in &seeds {
+                    if !candidates.contains(s) {
+                        candidates.push(s.clone());
                     }
+                }
+                turn = turn.wrapping_add(1);
+                let addr = candidates[turn % candidates.len().max(1)].clone();
+                open_watch(&addr, Duration::from_secs(1)).await.ok()
+            }
+        };
+        if let Some(mut stream) = opened {
+            backoff = Duration::from_millis(50);
+            loop {
+                let t = tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(t)) => t,
+                        _ => break,
+                    },
+                    // Every clone of the client is gone.
+                    _ = tx.closed() => return,
+                };
+                let t = Topology::from_pb(t);
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                router
+                    .updates
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if t.version != tx.borrow().version {
+                    router.forget_changed(&tx.borrow(), &t);
+                    let _ = tx.send(Arc::new(t));
                 }
             }
         }
