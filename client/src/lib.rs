@@ -34,13 +34,15 @@
 mod pb {
     tonic::include_proto!("pb");
 }
+mod conn;
 mod route;
 
+use conn::Conn;
 use pb::{cache_service_client::CacheServiceClient, get_response, set_request};
 use route::Router;
 use std::{sync::Arc, time::Duration};
 use tokio::sync::Semaphore;
-use tonic::{transport::Channel, Code, Status};
+use tonic::{Code, Status};
 
 /// How a client starts.
 #[derive(Debug, Clone)]
@@ -78,6 +80,12 @@ impl Config {
 }
 
 /// How many replicas must answer (see the node's README, "What each level promises").
+///
+/// ```
+/// use cache_client::{Consistency, Options};
+/// assert_eq!(Consistency::default(), Consistency::Quorum);
+/// let fast_read = Options::default().consistency(Consistency::One);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Consistency {
     #[default]
@@ -112,12 +120,20 @@ pub struct Options {
 
 impl Options {
     /// The call's consistency level.
+    ///
+    /// ```
+    /// let o = cache_client::Options::default().consistency(cache_client::Consistency::All);
+    /// ```
     pub fn consistency(mut self, level: Consistency) -> Options {
         self.consistency = Some(level);
         self
     }
 
     /// The call's deadline, from when it starts; it travels to the node as `grpc-timeout`.
+    ///
+    /// ```
+    /// let o = cache_client::Options::default().timeout(std::time::Duration::from_millis(20));
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Options {
         self.timeout = Some(timeout);
         self
@@ -186,6 +202,18 @@ pub struct Version {
 }
 
 /// Why a call failed. A missing key is not an error: [`Client::get`] answers `Ok(None)`.
+///
+/// ```no_run
+/// # async fn demo(client: cache_client::Client) {
+/// use cache_client::Error;
+/// match client.set("k", "v", None).await {
+///     Ok(version) => println!("stored at {version:?}"),
+///     Err(Error::TooManyInFlight { limit }) => println!("over {limit} in flight: back off"),
+///     Err(Error::DeadlineExceeded(_)) => println!("outcome unknown: read before retrying"),
+///     Err(e) => println!("failed: {e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// The request is invalid (an empty key, a value over the node's limit...).
@@ -239,6 +267,14 @@ impl From<Status> for Error {
 }
 
 /// A connection to a cluster. Cheap to clone; clones share connections and the topology.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), cache_client::Error> {
+/// let client = cache_client::Client::connect(cache_client::Config::new(["127.0.0.1:8080"])).await?;
+/// let for_a_task = client.clone();
+/// tokio::spawn(async move { for_a_task.get("k").await });
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     router: Arc<Router>,
@@ -250,6 +286,14 @@ impl Client {
     /// Learns the cluster from `config.seeds` and starts following it; fails with
     /// [`Error::NoTopology`] when no seed answers within `config.timeout`. Must be called
     /// inside a tokio runtime, where the client's background task runs.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cache_client::Error> {
+    /// let mut config = cache_client::Config::new(["10.0.0.1:8080", "10.0.0.2:8080"]);
+    /// config.max_in_flight = 256;
+    /// let client = cache_client::Client::connect(config).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(config: Config) -> Result<Client, Error> {
         let router = Router::start(&config).await?;
         Ok(Client {
@@ -260,11 +304,26 @@ impl Client {
     }
 
     /// The value of `key`, or `None` when it is missing or expired.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// if let Some(v) = client.get("user:1").await? {
+    ///     println!("{}", String::from_utf8_lossy(v.as_bytes()));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn get(&self, key: &str) -> Result<Option<Value>, Error> {
         self.get_with(key, Options::default()).await
     }
 
     /// [`Client::get`] with per-call options.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// use cache_client::{Consistency, Options};
+    /// let v = client.get_with("k", Options::default().consistency(Consistency::One)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn get_with(&self, key: &str, opts: Options) -> Result<Option<Value>, Error> {
         let req = pb::GetRequest {
             key: key.to_string(),
@@ -293,6 +352,14 @@ impl Client {
     /// Stores `value` under `key`; returns the version it was stored with. `ttl`: None
     /// for the node's default (its `TTL`), `Some(Duration::ZERO)` for never, else the time
     /// to live, rounded up to whole seconds.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// use std::time::Duration;
+    /// client.set("token", vec![0u8, 1, 2], Some(Duration::from_secs(30))).await?;
+    /// client.set("config", "forever", Some(Duration::ZERO)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn set(
         &self,
         key: &str,
@@ -303,6 +370,14 @@ impl Client {
     }
 
     /// [`Client::set`] with per-call options.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// use cache_client::{Consistency, Options};
+    /// let all = Options::default().consistency(Consistency::All);
+    /// client.set_with("k", "v", None, all).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn set_with(
         &self,
         key: &str,
@@ -339,11 +414,25 @@ impl Client {
     }
 
     /// Removes `key`; whether a live value was there.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// let existed = client.delete("k").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn delete(&self, key: &str) -> Result<bool, Error> {
         self.delete_with(key, Options::default()).await
     }
 
     /// [`Client::delete`] with per-call options.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+    /// use std::time::Duration;
+    /// let quick = cache_client::Options::default().timeout(Duration::from_millis(10));
+    /// client.delete_with("k", quick).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn delete_with(&self, key: &str, opts: Options) -> Result<bool, Error> {
         let req = pb::DeleteRequest {
             key: key.to_string(),
@@ -379,7 +468,14 @@ impl Client {
     }
 
     /// The nodes holding `key`, in the order the client asks them (replicas that are up
-    /// first), as the client's current topology says.
+    /// first), as the client's current topology says; empty when the client cannot route
+    /// (no seed is among the addresses the nodes give themselves).
+    ///
+    /// ```no_run
+    /// # fn demo(client: cache_client::Client) {
+    /// println!("k lives on {:?}", client.replicas("k"));
+    /// # }
+    /// ```
     pub fn replicas(&self, key: &str) -> Vec<String> {
         self.router.replicas(key.as_bytes())
     }
@@ -396,7 +492,7 @@ impl Client {
     ) -> Result<Resp, Status>
     where
         Req: Clone,
-        F: Fn(CacheServiceClient<Channel>, tonic::Request<Req>) -> Fut,
+        F: Fn(CacheServiceClient<Conn>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let Ok(_permit) = self.in_flight.try_acquire() else {
@@ -410,9 +506,9 @@ impl Client {
         let timeout = opts.timeout.unwrap_or(self.config.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = Status::unavailable(format!("no replica of {key:?} in the topology"));
-        // The key's replicas on their owning cores, then the seeds as plain coordinators: the
-        // addresses the cluster gives itself may not be reachable from here (a NAT, published
-        // container ports) while the seeds are.
+        // The key's replicas on their owning cores, then the seeds as plain coordinators
+        // (the only ones when the cluster's own addresses are not the client's, see
+        // `Router::replicas`).
         let routed = self
             .router
             .replicas(key.as_bytes())
@@ -433,8 +529,10 @@ impl Client {
             };
             let channel = match tokio::time::timeout(left, connect).await {
                 Ok(Ok(c)) => c,
-                // Never sent: any request may go to the next replica.
+                // Never sent: any request may go to the next replica. What the client knew of
+                // the node goes (it may have restarted with other cores, on another port).
                 Ok(Err(s)) => {
+                    self.router.failed(&node);
                     last = s;
                     continue;
                 }
@@ -446,7 +544,11 @@ impl Client {
             };
             let mut r = tonic::Request::new(req.clone());
             r.set_timeout(left);
-            match send(CacheServiceClient::new(channel), r).await {
+            let answer = match tokio::time::timeout(left, send(channel.cache(), r)).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(Status::deadline_exceeded("no answer before the deadline")),
+            };
+            match answer {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(s) if is_transport(&s) => {
                     self.router.failed(&node);

@@ -3,10 +3,8 @@
 //! asked once per node; and one HTTP/2 connection per (node, core), opened on first use from a
 //! source port that the node's shard-aware port steers to that core.
 
-use crate::{
-    pb::{self, node_service_client::NodeServiceClient},
-    Config, Error,
-};
+use crate::conn::Conn;
+use crate::{pb, Config, Error};
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -14,10 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::{watch, OnceCell};
-use tonic::{
-    transport::{Channel, Endpoint},
-    Status,
-};
+use tonic::Status;
 
 /// The topology as the client places keys with it.
 #[derive(Debug, Default)]
@@ -27,11 +22,17 @@ struct Topology {
     /// (address, held down).
     nodes: Vec<(String, bool)>,
     points: Vec<(u64, u32)>,
+    /// Some seed is among the nodes: the addresses the nodes give themselves are the ones this
+    /// client reaches them by. When none is (a seed behind NAT, or a published container
+    /// port), the client cannot route and sends every request to its seeds.
+    routable: bool,
 }
 
 impl Topology {
-    fn from_pb(t: pb::TopologyReply) -> Topology {
+    fn from_pb(t: pb::TopologyReply, seeds: &[String]) -> Topology {
+        let routable = t.nodes.iter().any(|n| seeds.contains(&n.addr));
         Topology {
+            routable,
             version: t.version,
             replication_factor: t.replication_factor as usize,
             nodes: t.nodes.into_iter().map(|n| (n.addr, n.down)).collect(),
@@ -54,9 +55,9 @@ struct Layout {
 struct Node {
     layout: OnceCell<Layout>,
     /// To its ADDR: for its layout, and for requests when it has no shard-aware port.
-    plain: OnceCell<Channel>,
+    plain: Mutex<Option<Conn>>,
     /// By core, through its shard-aware port.
-    cores: Mutex<HashMap<u32, Arc<OnceCell<Channel>>>>,
+    cores: Mutex<HashMap<u32, Conn>>,
 }
 
 pub struct Router {
@@ -127,6 +128,9 @@ impl Router {
     /// The key's replicas: those not down and not just failed first, each group in ring order.
     pub fn replicas(&self, key: &[u8]) -> Vec<String> {
         let t = Arc::clone(&self.topology.borrow());
+        if !t.routable {
+            return Vec::new();
+        }
         let now = Instant::now();
         let avoid = self.avoid.lock().map(|a| a.clone()).unwrap_or_default();
         let mut all: Vec<(bool, String)> = placement::replicas_at(
@@ -174,68 +178,68 @@ impl Router {
     }
 
     /// The connection to `addr`'s ADDR, where any request may go (the node coordinates it).
-    pub async fn plain(&self, addr: &str) -> Result<Channel, Status> {
+    pub async fn plain(&self, addr: &str) -> Result<Conn, Status> {
         let node = self.node(addr);
-        let plain = node
-            .plain
-            .get_or_try_init(|| connect_plain(addr, self.connect_timeout))
-            .await?;
-        Ok(plain.clone())
+        let open = lock(&node.plain).clone().filter(|c| !c.is_closed());
+        if let Some(c) = open {
+            return Ok(c);
+        }
+        let c = connect_plain(addr, self.connect_timeout).await?;
+        *lock(&node.plain) = Some(c.clone());
+        Ok(c)
     }
 
     /// The connection for `key` on `addr`: to the core that owns it, once the node's layout
     /// is known; an error means nothing was sent.
-    pub async fn channel(&self, addr: &str, key: &[u8]) -> Result<Channel, Status> {
+    pub async fn channel(&self, addr: &str, key: &[u8]) -> Result<Conn, Status> {
         let node = self.node(addr);
-        let plain = node
-            .plain
-            .get_or_try_init(|| connect_plain(addr, self.connect_timeout))
-            .await?
-            .clone();
-        let layout = *node
-            .layout
-            .get_or_try_init(|| ask_layout(addr, plain.clone()))
-            .await?;
+        let layout = match node.layout.get() {
+            Some(l) => *l,
+            None => {
+                let plain = self.plain(addr).await?;
+                *node
+                    .layout
+                    .get_or_try_init(|| ask_layout(addr, plain))
+                    .await?
+            }
+        };
         let Some(shard_addr) = layout.shard_addr else {
-            return Ok(plain);
+            return self.plain(addr).await;
         };
         let core = placement::core_of(key, layout.num_shards, layout.cores as usize) as u32;
-        let cell = {
-            let mut cores = node.cores.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(cores.entry(core).or_default())
-        };
-        let channel = cell
-            .get_or_try_init(|| {
-                connect_to_core(addr, shard_addr, core, layout.cores, self.connect_timeout)
-            })
-            .await?;
-        Ok(channel.clone())
+        let open = lock(&node.cores)
+            .get(&core)
+            .filter(|c| !c.is_closed())
+            .cloned();
+        if let Some(c) = open {
+            return Ok(c);
+        }
+        let c = connect_to_core(addr, shard_addr, core, layout.cores, self.connect_timeout).await?;
+        lock(&node.cores).insert(core, c.clone());
+        Ok(c)
     }
+}
+
+/// A lock held for a lookup or an insert, never across an await; a panic elsewhere leaves
+/// the data usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unavailable(addr: &str, e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("cannot reach {addr}: {e}"))
 }
 
-/// tonic's transport errors say only "transport error"; the cause is at the end of the chain.
-fn cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        cause = s.to_string();
-        source = s.source();
-    }
-    cause
-}
-
-async fn connect_plain(addr: &str, timeout: Duration) -> Result<Channel, Status> {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| unavailable(addr, e))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
+async fn connect_plain(addr: &str, timeout: Duration) -> Result<Conn, Status> {
+    let dial = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unavailable(addr, e))?;
+        Conn::handshake(tcp, addr).await
+    };
+    tokio::time::timeout(timeout, dial)
         .await
-        .map_err(|e| unavailable(addr, cause(&e)))
+        .map_err(|_| unavailable(addr, format_args!("no answer within {timeout:?}")))?
 }
 
 /// A WatchTopology stream from the node at `addr`.
@@ -243,15 +247,17 @@ async fn open_watch(
     addr: &str,
     timeout: Duration,
 ) -> Result<tonic::Streaming<pb::TopologyReply>, Status> {
-    let channel = connect_plain(addr, timeout).await?;
-    Ok(NodeServiceClient::new(channel)
+    let conn = connect_plain(addr, timeout).await?;
+    Ok(conn
+        .node()
         .watch_topology(pb::TopologyRequest {})
         .await?
         .into_inner())
 }
 
-async fn ask_layout(addr: &str, plain: Channel) -> Result<Layout, Status> {
-    let l = NodeServiceClient::new(plain)
+async fn ask_layout(addr: &str, plain: Conn) -> Result<Layout, Status> {
+    let l = plain
+        .node()
         .layout(pb::LayoutRequest {})
         .await?
         .into_inner();
@@ -273,26 +279,24 @@ async fn ask_layout(addr: &str, plain: Channel) -> Result<Layout, Status> {
     })
 }
 
-/// A connection to `shard_addr` from a source port its node steers to `core`; when the
-/// channel reconnects, it picks such a port again.
+/// A connection to `shard_addr` from a source port its node steers to `core`.
 async fn connect_to_core(
     addr: &str,
     shard_addr: SocketAddr,
     core: u32,
     cores: u32,
     timeout: Duration,
-) -> Result<Channel, Status> {
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
-        let stream = dial_from_core_port(shard_addr, core, cores).await?;
-        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-    });
-    // The authority names the node (its ADDR), as a request to ADDR would.
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| unavailable(addr, e))?
-        .connect_timeout(timeout)
-        .connect_with_connector(connector)
+) -> Result<Conn, Status> {
+    let dial = async {
+        let tcp = dial_from_core_port(shard_addr, core, cores)
+            .await
+            .map_err(|e| unavailable(addr, format_args!("{e} (core {core})")))?;
+        // The authority names the node (its ADDR), as a request to ADDR would.
+        Conn::handshake(tcp, addr).await
+    };
+    tokio::time::timeout(timeout, dial)
         .await
-        .map_err(|e| unavailable(addr, cause(&e)))
+        .map_err(|_| unavailable(addr, format_args!("no answer within {timeout:?}")))?
 }
 
 /// Linux's ephemeral port range, where a client's source ports come from.
@@ -390,7 +394,7 @@ async fn follow(
                     // Every clone of the client is gone.
                     _ = tx.closed() => return,
                 };
-                let t = Topology::from_pb(t);
+                let t = Topology::from_pb(t, &seeds);
                 let Some(router) = router.upgrade() else {
                     return;
                 };

@@ -4,7 +4,7 @@
 use crate::support::{free_port, wait_until, Node};
 use distributed_cache::pb::{
     get_response, node_service_client::NodeServiceClient, set_request, Consistency, GetRequest,
-    MembersRequest, SetRequest, StatsRequest, Version,
+    MembersRequest, SetRequest, Version,
 };
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -558,16 +558,7 @@ async fn hinted_handoff_brings_a_restarted_replica_up_to_date_with_no_reads() {
 pub async fn held(nodes: &[Node]) -> Vec<u64> {
     let mut out = Vec::new();
     for node in nodes {
-        let channel = tonic::transport::Endpoint::from_shared(node.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let stats = NodeServiceClient::new(channel)
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let stats = crate::steering::stats(node).await;
         out.push(stats.cores.iter().map(|c| c.entries).sum::<u64>());
     }
     out

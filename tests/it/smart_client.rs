@@ -3,24 +3,15 @@
 //! nothing; a joining node and a node restarted with another core count are followed.
 
 use crate::cluster::{free_cluster_port, metric_sum, start_node, wait_converged};
+use crate::steering::stats;
 use crate::support::{free_port, wait_until, Node};
 use cache_client::{Client, Config, Consistency, Options};
-use distributed_cache::pb::{node_service_client::NodeServiceClient, StatsRequest};
 use std::time::Duration;
 
 /// Client requests each node has served (all cores, all codes).
 async fn served(node: &Node) -> u64 {
-    let channel = tonic::transport::Endpoint::from_shared(node.url())
-        .unwrap()
-        .connect()
+    stats(node)
         .await
-        .unwrap();
-    let stats = NodeServiceClient::new(channel)
-        .stats(StatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    stats
         .cores
         .iter()
         .flat_map(|c| c.requests.iter().map(|r| r.count))
@@ -31,17 +22,7 @@ async fn served(node: &Node) -> u64 {
 async fn client_hops(nodes: &[Node]) -> Vec<u64> {
     let mut out = Vec::new();
     for n in nodes {
-        let channel = tonic::transport::Endpoint::from_shared(n.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let stats = NodeServiceClient::new(channel)
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        out.push(stats.cores.iter().map(|c| c.client_hops).sum());
+        out.push(stats(n).await.cores.iter().map(|c| c.client_hops).sum());
     }
     out
 }

@@ -36,7 +36,7 @@ pub async fn layout(node: &Node) -> LayoutReply {
         .into_inner()
 }
 
-async fn stats(node: &Node) -> StatsResponse {
+pub async fn stats(node: &Node) -> StatsResponse {
     node_service(node)
         .await
         .stats(StatsRequest {})
