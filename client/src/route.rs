@@ -132,7 +132,8 @@ impl Router {
             return Vec::new();
         }
         let now = Instant::now();
-        let avoid = self.avoid.lock().map(|a| a.clone()).unwrap_or_default();
+        // Looked up under the lock, not copied out: this runs on every request.
+        let avoid = lock(&self.avoid);
         let mut all: Vec<(bool, String)> = placement::replicas_at(
             &t.points,
             t.replication_factor,
@@ -144,6 +145,7 @@ impl Router {
             (*down || avoided, addr.clone())
         })
         .collect();
+        drop(avoid);
         // Stable: ring order within each group.
         all.sort_by_key(|(last, _)| *last);
         all.into_iter().map(|(_, addr)| addr).collect()
@@ -173,7 +175,11 @@ impl Router {
     }
 
     fn node(&self, addr: &str) -> Arc<Node> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes = lock(&self.nodes);
+        // Looked up before inserting: `entry` would allocate the key on every request.
+        if let Some(node) = nodes.get(addr) {
+            return Arc::clone(node);
+        }
         Arc::clone(nodes.entry(addr.to_string()).or_default())
     }
 
