@@ -1,6 +1,10 @@
 //! Environment variables -> a validated [`Config`]. Every check on configuration lives here, and
 //! each failure names the variable and its value in one line. Runs once, on the main thread.
 
+use crate::engine::{
+    budget::Memory,
+    shard::{Policy, SHARD_FIXED_BYTES},
+};
 use serde::Deserialize;
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -16,6 +20,8 @@ struct RawEnv {
     peers: Option<String>,
     num_shards: Option<String>,
     capacity: Option<String>,
+    max_memory: Option<String>,
+    eviction: Option<String>,
     ttl: Option<String>,
     max_recv_msg_size: Option<String>,
     max_send_msg_size: Option<String>,
@@ -65,7 +71,9 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub peers: Vec<String>,
     pub num_shards: u32,
-    pub capacity: u64,
+    /// What the node may hold: MAX_MEMORY bytes, at most CAPACITY entries if given, and how
+    /// it evicts.
+    pub memory: Memory,
     /// Default time to live; `None` keeps entries until evicted.
     pub ttl_secs: Option<u64>,
     pub max_recv_msg_bytes: usize,
@@ -139,6 +147,59 @@ fn parse_u64(
         .map_err(|_| invalid(var, value, "expected a whole number"))?;
     if n < min {
         return Err(invalid(var, value, format!("must be at least {min}")));
+    }
+    Ok(n)
+}
+
+/// A size in bytes, as Redis reads `maxmemory`: a number with an optional unit, `k`/`m`/`g`
+/// (powers of 1000) or `kb`/`mb`/`gb` (powers of 1024), case-insensitive.
+fn parse_bytes(
+    var: &'static str,
+    raw: &Option<String>,
+    default: u64,
+    min: u64,
+) -> Result<u64, ConfigError> {
+    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(default);
+    };
+    let lower = value.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit: u64 = match &lower[digits.len()..] {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1 << 10,
+        "m" => 1_000_000,
+        "mb" => 1 << 20,
+        "g" => 1_000_000_000,
+        "gb" => 1 << 30,
+        "t" => 1_000_000_000_000,
+        "tb" => 1 << 40,
+        _ => {
+            return Err(invalid(
+                var,
+                value,
+                "expected bytes with an optional unit: k, kb, m, mb, g, gb (e.g. 512mb)",
+            ))
+        }
+    };
+    let n = digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            invalid(
+                var,
+                value,
+                "expected bytes with an optional unit: k, kb, m, mb, g, gb (e.g. 512mb)",
+            )
+        })?;
+    if n < min {
+        return Err(invalid(
+            var,
+            value,
+            format!("must be at least {min} bytes (what the node's shards need empty)"),
+        ));
     }
     Ok(n)
 }
@@ -281,7 +342,20 @@ impl Config {
                     "must be at most 1048576",
                 )
             })?;
-        let capacity = parse_u64("CAPACITY", &raw.capacity, 1000, 1)?;
+        let capacity = parse_u64("CAPACITY", &raw.capacity, 0, 1)?;
+        // Each shard's fixed part, and 4 MiB for entries at the least.
+        let min_memory = num_shards as u64 * SHARD_FIXED_BYTES as u64 + (4 << 20);
+        let max_memory = parse_bytes("MAX_MEMORY", &raw.max_memory, 1 << 30, min_memory)?;
+        let policy = match raw.eviction.as_deref().map(str::trim) {
+            None | Some("") | Some("s3fifo") => Policy::S3Fifo,
+            Some("clock") => Policy::Clock,
+            Some(other) => return Err(invalid("EVICTION", other, "expected s3fifo or clock")),
+        };
+        let memory = Memory {
+            max_bytes: max_memory,
+            max_entries: (capacity > 0).then_some(capacity),
+            policy,
+        };
         let ttl = parse_u64("TTL", &raw.ttl, 3600, 0)?;
         let max_recv = parse_u64(
             "MAX_RECV_MSG_SIZE",
@@ -513,7 +587,7 @@ impl Config {
             listen_addr,
             peers,
             num_shards,
-            capacity,
+            memory,
             ttl_secs: (ttl > 0).then_some(ttl),
             max_recv_msg_bytes: max_recv as usize,
             max_send_msg_bytes: max_send as usize,
@@ -544,7 +618,9 @@ mod tests {
         assert_eq!(c.listen_addr.port(), 8080);
         assert!(c.peers.is_empty());
         assert_eq!(c.num_shards, 1);
-        assert_eq!(c.capacity, 1000);
+        assert_eq!(c.memory.max_entries, None);
+        assert_eq!(c.memory.max_bytes, 1 << 30);
+        assert_eq!(c.memory.policy, Policy::S3Fifo);
         assert_eq!(c.ttl_secs, Some(3600));
         assert_eq!(c.max_recv_msg_bytes, 4194304);
         assert_eq!(c.max_send_msg_bytes, 4194304);
@@ -580,6 +656,8 @@ mod tests {
             ("PEERS", "10.0.0.1:8080, node2:8080"),
             ("NUM_SHARDS", "64"),
             ("CAPACITY", "1000000"),
+            ("MAX_MEMORY", "512mb"),
+            ("EVICTION", "clock"),
             ("TTL", "0"),
             ("RPC_TIMEOUT", "0.5"),
             ("RATE_LIMIT", "10"),
@@ -596,7 +674,9 @@ mod tests {
         assert_eq!(c.listen_addr, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.peers, vec!["10.0.0.1:8080", "node2:8080"]);
         assert_eq!(c.num_shards, 64);
-        assert_eq!(c.capacity, 1_000_000);
+        assert_eq!(c.memory.max_entries, Some(1_000_000));
+        assert_eq!(c.memory.max_bytes, 512 << 20);
+        assert_eq!(c.memory.policy, Policy::Clock);
         assert_eq!(c.ttl_secs, None);
         assert_eq!(c.rpc_timeout, Duration::from_millis(500));
         assert_eq!(c.rate_limit.map(|r| r.get()), Some(10));
@@ -607,12 +687,32 @@ mod tests {
     }
 
     #[test]
+    fn sizes_read_as_redis_reads_maxmemory() {
+        let bytes = |v: &str| parse(&[("MAX_MEMORY", v)]).map(|c| c.memory.max_bytes);
+        assert_eq!(bytes("512mb"), Ok(512 << 20));
+        assert_eq!(bytes("4GB"), Ok(4 << 30));
+        assert_eq!(bytes("5g"), Ok(5_000_000_000));
+        assert_eq!(bytes("100000000"), Ok(100_000_000));
+        assert_eq!(bytes(" 64 mb "), Ok(64 << 20));
+        // Below what the shards need empty: 1 shard here.
+        let err = bytes("1mb").unwrap_err();
+        assert!(err.to_string().contains("must be at least"), "{err}");
+        let err = parse(&[("MAX_MEMORY", "64mb"), ("NUM_SHARDS", "1000")]).unwrap_err();
+        assert_eq!(err.var, "MAX_MEMORY");
+    }
+
+    #[test]
     fn every_rejection_names_its_variable_and_value() {
         let cases: &[(&str, &str)] = &[
             ("NUM_SHARDS", "0"),
             ("NUM_SHARDS", "-1"),
             ("CAPACITY", "abc"),
             ("CAPACITY", "0"),
+            ("MAX_MEMORY", "lots"),
+            ("MAX_MEMORY", "1m"),
+            ("MAX_MEMORY", "12xb"),
+            ("MAX_MEMORY", "99999999999999gb"),
+            ("EVICTION", "lru"),
             ("TTL", "-5"),
             ("ADDR", "localhost"),
             ("ADDR", "localhost:http"),

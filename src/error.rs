@@ -23,6 +23,8 @@ pub enum Error {
     DeadlineExceeded,
     #[error("value of {bytes} bytes exceeds MAX_SEND_MSG_SIZE ({limit} bytes)")]
     ResponseTooLarge { bytes: usize, limit: usize },
+    #[error("entry of {bytes} bytes is larger than the node's memory budget (MAX_MEMORY {budget} bytes)")]
+    TooLarge { bytes: u64, budget: u64 },
     #[error("node is shutting down")]
     ShuttingDown,
     #[error("not enough replicas: {answered} of {needed} needed answered ({total} replicas)")]
@@ -54,9 +56,10 @@ impl Error {
         match self {
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument(_) | Error::UnknownConsistency(_) => Code::InvalidArgument,
-            Error::Overloaded { .. } | Error::RateLimited | Error::ResponseTooLarge { .. } => {
-                Code::ResourceExhausted
-            }
+            Error::Overloaded { .. }
+            | Error::RateLimited
+            | Error::ResponseTooLarge { .. }
+            | Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::ShuttingDown | Error::Unavailable { .. } | Error::TooFewLive { .. } => {
                 Code::Unavailable
@@ -87,6 +90,13 @@ mod tests {
             (Error::UnknownConsistency(7), Code::InvalidArgument),
             (Error::Overloaded { core: 1 }, Code::ResourceExhausted),
             (Error::RateLimited, Code::ResourceExhausted),
+            (
+                Error::TooLarge {
+                    bytes: 10,
+                    budget: 5,
+                },
+                Code::ResourceExhausted,
+            ),
             (Error::DeadlineExceeded, Code::DeadlineExceeded),
             (Error::ShuttingDown, Code::Unavailable),
             (

@@ -3,6 +3,7 @@
 
 mod baseline;
 mod compare;
+mod hitratio;
 mod run;
 mod stats;
 mod workload;
@@ -69,6 +70,42 @@ enum Cmd {
         /// their RSS per entry.
         #[arg(long)]
         memory_keys: Option<u64>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Hit ratios of the eviction policies (the node's shard code, in process) and an exact
+    /// LRU, side by side: a cache-aside client over Zipf keys, every combination of the
+    /// exponents and cache sizes given.
+    HitRatio {
+        /// Zipf key space.
+        #[arg(long, default_value_t = 10_000_000)]
+        keys: u64,
+        #[arg(long, value_delimiter = ',', default_value = "0.8,0.99")]
+        zipf: Vec<f64>,
+        /// Cache sizes, in percent of the key space (entries).
+        #[arg(long, value_delimiter = ',', default_value = "1,10")]
+        cache_percent: Vec<f64>,
+        /// Zipf requests per run, in multiples of the cache size (enough to fill it and
+        /// settle).
+        #[arg(long, default_value_t = 10)]
+        requests_per_entry: u64,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "plain,scan,ttl"
+        )]
+        mix: Vec<hitratio::Mix>,
+        /// Zipf requests between two scans (the scan mix), in multiples of the cache size.
+        #[arg(long, default_value_t = 2)]
+        scan_every_entries: u64,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "s3fifo,clock,lru"
+        )]
+        policy: Vec<hitratio::Which>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -282,6 +319,56 @@ fn main() {
                 capacity,
                 value_bytes,
             } => baseline::serve(addr, store, capacity, value_bytes).await,
+            Cmd::HitRatio {
+                keys,
+                zipf,
+                cache_percent,
+                requests_per_entry,
+                mix,
+                scan_every_entries,
+                policy,
+                json,
+            } => {
+                let mut rows = Vec::new();
+                println!("| mix | zipf | cache | {} |", policy.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(" | "));
+                for &m in &mix {
+                    for &exponent in &zipf {
+                        for &percent in &cache_percent {
+                            let entries = ((keys as f64 * percent / 100.0) as usize).max(1);
+                            let spec = hitratio::Spec {
+                                keys,
+                                exponent,
+                                entries,
+                                requests: entries as u64 * requests_per_entry,
+                                mix: m,
+                                scan_every: (entries as u64 * scan_every_entries).max(1),
+                                seed: 42,
+                            };
+                            let ratios: Vec<_> = policy
+                                .iter()
+                                .map(|&p| (p, hitratio::simulate(p, &spec)))
+                                .collect();
+                            println!(
+                                "| {m:?} | {exponent} | {percent}% ({entries}) | {} |",
+                                ratios
+                                    .iter()
+                                    .map(|(_, o)| format!("{:.4}", o.ratio()))
+                                    .collect::<Vec<_>>()
+                                    .join(" | ")
+                            );
+                            rows.push(serde_json::json!({
+                                "mix": m, "zipf": exponent, "cache_percent": percent,
+                                "entries": entries, "requests": spec.requests,
+                                "ratios": ratios.iter().map(|(p, o)| serde_json::json!({"policy": p, "gets": o.gets, "hits": o.hits, "ratio": o.ratio()})).collect::<Vec<_>>(),
+                            }));
+                        }
+                    }
+                }
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)?;
+                }
+                anyhow::Ok(())
+            }
             Cmd::Compare {
                 load,
                 rounds,

@@ -7,7 +7,7 @@ use crate::{
     cluster::antientropy::LocalReplica,
     engine::{
         command::ReplicaEntry,
-        core::{KeyVersion, Leaves},
+        core::{CoreDemand, KeyVersion, Leaves},
     },
     ingress::{grpc::server::Event, CoreCtx},
     observability::metrics::CoreSnapshot,
@@ -44,6 +44,38 @@ impl Cores {
             .into_iter()
             .filter_map(Result::ok)
             .collect()
+    }
+
+    /// What every core holds and wanted since the last call, or None when a core did not
+    /// answer in time (the memory rebalancer then skips the round).
+    pub async fn demands(&self) -> Option<Vec<CoreDemand>> {
+        self.sharded
+            .invoke_on_all(
+                SNAPSHOT_TIMEOUT,
+                |ctx| async move { ctx.engine.take_demand() },
+            )
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+    }
+
+    /// Gives `core` its share of the node's memory budget; it evicts down to it before it
+    /// answers.
+    pub async fn set_share(
+        &self,
+        core: usize,
+        bytes: u64,
+        entries: Option<u64>,
+    ) -> Result<(), Unanswered> {
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        self.sharded
+            .send(core, deadline, move |ctx| async move {
+                ctx.engine.set_share(bytes, entries)
+            })
+            .await
+            .answer()
+            .await
     }
 
     /// `items` grouped by the core that owns their key's shard, with the shard.

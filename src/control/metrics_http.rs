@@ -17,6 +17,7 @@ pub struct Gatherer {
     pub started: Instant,
     pub view: SharedView,
     pub data_movement: Arc<antientropy::Counters>,
+    pub memory: crate::engine::budget::Memory,
 }
 
 impl Gatherer {
@@ -36,6 +37,8 @@ impl Gatherer {
             members,
             cores,
             rss_bytes: metrics::process_rss_bytes(),
+            memory_budget_bytes: self.memory.max_bytes,
+            capacity: self.memory.max_entries.unwrap_or(0),
             uptime_secs: self.started.elapsed().as_secs_f64(),
         }
     }

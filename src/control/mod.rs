@@ -12,9 +12,11 @@
 //!   Fetch, Apply).
 //! - [`metrics_http`]: the node's figures and the Prometheus endpoint.
 //! - [`leave`]: a graceful leave, and the hand-off before exit.
+//! - [`memory`]: MAX_MEMORY and CAPACITY divided among the cores, again and again.
 
 pub mod cores;
 pub mod leave;
+pub mod memory;
 pub mod metrics_http;
 pub mod node_service;
 pub mod peer_service;
@@ -64,6 +66,7 @@ pub struct Settings {
     /// After a ring change, how long reads also ask former owners and former owners keep data.
     pub transition: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    pub memory: crate::engine::budget::Memory,
 }
 
 /// The running control plane, as the node's main thread holds it.
@@ -208,6 +211,7 @@ impl ControlPlane {
             started: Instant::now(),
             view: Arc::clone(&view),
             data_movement: counters,
+            memory: settings.memory,
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         let (membership_tx, membership_rx) = mpsc::unbounded_channel();
@@ -222,7 +226,7 @@ impl ControlPlane {
             },
             peer_service::PeerControl {
                 membership: membership_tx.clone(),
-                cores,
+                cores: cores.clone(),
             },
         )?;
         let membership_settings = MembershipSettings {
@@ -233,6 +237,7 @@ impl ControlPlane {
             replication_factor: settings.replication_factor,
         };
         let rings = views.ring.subscribe();
+        let settings_memory = settings.memory;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let main = {
             let (health, view, anti_entropy) =
@@ -265,6 +270,7 @@ impl ControlPlane {
                 if anti_entropy_on {
                     tokio::spawn(anti_entropy.run(rings));
                 }
+                tokio::spawn(memory::rebalance_forever(cores, settings_memory));
                 if let Some(listener) = sockets.metrics {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => {

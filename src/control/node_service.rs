@@ -104,6 +104,8 @@ impl pb::node_service_server::NodeService for NodeStats {
                     queue_depth: c.in_flight,
                     replica_hops: c.replica_hops,
                     client_hops: c.client_hops,
+                    memory_used_bytes: c.engine.used_bytes,
+                    memory_share_bytes: c.engine.limit_bytes,
                     mean_latency_us: if count > 0 {
                         sum / count as f64 * 1e6
                     } else {
@@ -116,6 +118,8 @@ impl pb::node_service_server::NodeService for NodeStats {
             cores,
             rss_bytes: snap.rss_bytes,
             uptime_seconds: snap.uptime_secs,
+            memory_budget_bytes: snap.memory_budget_bytes,
+            capacity: snap.capacity,
         }))
     }
 

@@ -3,10 +3,14 @@
 //! on one glommio executor; shared by its tasks through `Rc`, never across threads.
 
 use super::{
+    budget::{divide, Demand, Memory},
     command::{Command, ReplicaEntry, Reply, Request, Response},
-    entry::FLAG_BINARY,
+    entry::{entry_len, FLAG_BINARY},
     hlc::{wall_us, Hlc, Version},
-    shard::{expiry_tick, expiry_tick_ms, remaining_ms, Shard, ShardStats, Tick, TICKS_PER_SEC},
+    shard::{
+        charge, expiry_tick, expiry_tick_ms, remaining_ms, Limits, Shard, ShardStats, Tick,
+        SHARD_FIXED_BYTES, TICKS_PER_SEC,
+    },
 };
 use crate::{
     error::Error,
@@ -66,9 +70,17 @@ pub struct CoreEngine {
     /// The instant ticks count from; the same for every core of the node.
     epoch: Instant,
     panics: Cell<u64>,
+    memory: Memory,
+    /// The largest entry the node's budget can hold beside every shard's fixed part.
+    largest_entry: u64,
+    /// Per local shard, (evicted bytes, evictions) when the shares were last set: what each
+    /// wanted since is the difference.
+    seen: RefCell<Vec<(u64, u64)>>,
+    /// The same for the core as a whole, as the node's rebalancer last asked.
+    seen_core: Cell<(u64, u64)>,
 }
 
-/// Splits `capacity` entries over `num_shards` shards as evenly as possible (the first
+/// Splits `capacity` over `num_shards` shards as evenly as possible (the first
 /// `capacity % num_shards` shards hold one more).
 pub fn shard_capacity(capacity: u64, num_shards: u32, shard: routing::ShardId) -> usize {
     let base = capacity / num_shards as u64;
@@ -76,19 +88,36 @@ pub fn shard_capacity(capacity: u64, num_shards: u32, shard: routing::ShardId) -
     (base + extra as u64) as usize
 }
 
+/// What a core holds and wanted, for the node's rebalancer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreDemand {
+    pub bytes: Demand,
+    pub entries: Demand,
+}
+
 impl CoreEngine {
     pub fn new(
         core: usize,
         nr_cores: usize,
         num_shards: u32,
-        capacity: u64,
+        memory: Memory,
         node_id: u32,
         epoch: Instant,
     ) -> Self {
-        let shards = routing::shards_of_core(core, nr_cores, num_shards)
+        // Until the first rebalance every shard has an even share of the node's budget.
+        let shards: Vec<Shard> = routing::shards_of_core(core, nr_cores, num_shards)
             .into_iter()
-            .map(|s| Shard::new(shard_capacity(capacity, num_shards, s)))
+            .map(|s| {
+                let limits = Limits {
+                    bytes: shard_capacity(memory.max_bytes, num_shards, s),
+                    entries: memory
+                        .max_entries
+                        .map_or(usize::MAX, |n| shard_capacity(n, num_shards, s).max(1)),
+                };
+                Shard::with(memory.policy, limits)
+            })
             .collect();
+        let seen = vec![(0, 0); shards.len()];
         Self {
             core,
             nr_cores,
@@ -96,7 +125,71 @@ impl CoreEngine {
             clock: RefCell::new(Hlc::new(node_id)),
             epoch,
             panics: Cell::new(0),
+            memory,
+            largest_entry: memory
+                .max_bytes
+                .saturating_sub(num_shards as u64 * SHARD_FIXED_BYTES as u64),
+            seen: RefCell::new(seen),
+            seen_core: Cell::new((0, 0)),
         }
+    }
+
+    /// What this core holds and wanted since the last call (the node's rebalancer is the only
+    /// caller).
+    pub fn take_demand(&self) -> CoreDemand {
+        let stats = self.stats();
+        let (bytes_then, evictions_then) = self
+            .seen_core
+            .replace((stats.evicted_bytes, stats.evictions));
+        CoreDemand {
+            bytes: Demand {
+                used: stats.used_bytes,
+                wanted: stats.evicted_bytes - bytes_then,
+            },
+            entries: Demand {
+                used: stats.entries,
+                wanted: stats.evictions - evictions_then,
+            },
+        }
+    }
+
+    /// Takes this core's new share of the node's budget and divides it among its shards by
+    /// the same rule; shards over their new limit evict down to it at once.
+    pub fn set_share(&self, bytes: u64, entries: Option<u64>) {
+        let tick = self.tick(Instant::now());
+        let mut shards = self.shards.borrow_mut();
+        let mut seen = self.seen.borrow_mut();
+        let mut byte_parts = Vec::with_capacity(shards.len());
+        let mut entry_parts = Vec::with_capacity(shards.len());
+        for (shard, (bytes_then, evictions_then)) in shards.iter().zip(seen.iter_mut()) {
+            let st = shard.stats();
+            byte_parts.push(Demand {
+                used: st.used_bytes,
+                wanted: st.evicted_bytes - *bytes_then,
+            });
+            entry_parts.push(Demand {
+                used: st.entries,
+                wanted: st.evictions - *evictions_then,
+            });
+            *bytes_then = st.evicted_bytes;
+            *evictions_then = st.evictions;
+        }
+        let byte_shares = divide(bytes, &byte_parts);
+        let entry_shares = entries.map(|n| divide(n, &entry_parts));
+        for (i, shard) in shards.iter_mut().enumerate() {
+            let limits = Limits {
+                bytes: byte_shares[i] as usize,
+                entries: entry_shares
+                    .as_ref()
+                    .map_or(usize::MAX, |e| (e[i] as usize).max(1)),
+            };
+            shard.set_limits(limits, tick);
+        }
+    }
+
+    /// The node's configured memory.
+    pub fn memory(&self) -> Memory {
+        self.memory
     }
 
     pub fn core(&self) -> usize {
@@ -151,15 +244,24 @@ impl CoreEngine {
                 ttl_secs,
                 binary,
             } => {
+                self.fits(&key, &value)?;
                 let version = self.clock.borrow_mut().tick(wall_us());
                 let flags = if binary { FLAG_BINARY } else { 0 };
-                shard.set(&key, &value, version, expiry_tick(tick, ttl_secs), flags);
+                shard.set_at(
+                    &key,
+                    &value,
+                    version,
+                    expiry_tick(tick, ttl_secs),
+                    flags,
+                    tick,
+                );
                 Ok(Reply::Stored { version })
             }
             Command::Delete { key } => Ok(Reply::Deleted {
                 existed: shard.delete(&key, tick),
             }),
             Command::Apply(entry) => {
+                self.fits(&entry.key, &entry.value)?;
                 self.clock.borrow_mut().observe(entry.version);
                 let expires_at = expiry_tick_ms(tick, entry.ttl_ms);
                 let (applied, existed) = shard.apply(
@@ -182,6 +284,20 @@ impl CoreEngine {
                 }
             }))),
         }
+    }
+
+    /// An entry larger than the node's whole budget is refused; one larger than this shard's
+    /// share is stored (everything else in the shard goes first) and the next rebalance takes
+    /// the difference from the other shards and cores.
+    fn fits(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        let need = charge(entry_len(key.len(), value.len())) as u64;
+        if need > self.largest_entry {
+            return Err(Error::TooLarge {
+                bytes: need,
+                budget: self.memory.max_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// A fresh version from this core's clock, for a write this core coordinates.
@@ -241,6 +357,10 @@ impl CoreEngine {
                 bytes: a.bytes + b.bytes,
                 evictions: a.evictions + b.evictions,
                 expirations: a.expirations + b.expirations,
+                used_bytes: a.used_bytes + b.used_bytes,
+                evicted_bytes: a.evicted_bytes + b.evicted_bytes,
+                limit_bytes: a.limit_bytes.saturating_add(b.limit_bytes),
+                limit_entries: a.limit_entries.saturating_add(b.limit_entries),
             })
     }
 
@@ -375,7 +495,7 @@ mod tests {
 
     #[test]
     fn fetch_list_apply_and_drop_for_anti_entropy() {
-        let engine = CoreEngine::new(1, 2, 4, 100, 7, Instant::now());
+        let engine = CoreEngine::new(1, 2, 4, cap(100), 7, Instant::now());
         let mine: Vec<String> = (0..50)
             .map(|i| format!("key-{i}"))
             .filter(|k| routing::owner_core(shard_of(k.as_bytes(), 4), 2) == 1)
@@ -414,7 +534,7 @@ mod tests {
 
     #[test]
     fn scans_yield_between_chunks_and_miss_nothing() {
-        let engine = CoreEngine::new(0, 1, 1, 100_000, 7, Instant::now());
+        let engine = CoreEngine::new(0, 1, 1, cap(100_000), 7, Instant::now());
         let n = SCAN_CHUNK_SLOTS * 2 + 100;
         let entries = (0..n)
             .map(|i| {
@@ -441,6 +561,14 @@ mod tests {
         assert!(block_on(engine.list(&all)).is_empty());
     }
 
+    fn cap(entries: u64) -> Memory {
+        Memory {
+            max_bytes: 1 << 30,
+            max_entries: Some(entries),
+            policy: crate::engine::shard::Policy::S3Fifo,
+        }
+    }
+
     fn req(key: &str, command: Command) -> Request {
         Request {
             shard: shard_of(key.as_bytes(), 1),
@@ -452,7 +580,7 @@ mod tests {
     #[test]
     fn replica_apply_keeps_the_newest_and_reads_tombstones() {
         use crate::engine::entry::FLAG_TOMBSTONE;
-        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let engine = CoreEngine::new(0, 1, 1, cap(10), 7, Instant::now());
         let entry = |hlc: u64, value: &str, flags: u8| {
             Command::Apply(ReplicaEntry {
                 key: b"k".to_vec(),
@@ -508,7 +636,7 @@ mod tests {
 
     #[test]
     fn executes_and_versions_increase() {
-        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let engine = CoreEngine::new(0, 1, 1, cap(10), 7, Instant::now());
         let set = |v: &str| {
             engine.execute(req(
                 "k",
@@ -543,7 +671,7 @@ mod tests {
 
     #[test]
     fn expired_deadline_is_not_executed() {
-        let engine = CoreEngine::new(0, 1, 1, 10, 7, Instant::now());
+        let engine = CoreEngine::new(0, 1, 1, cap(10), 7, Instant::now());
         let mut r = req(
             "k",
             Command::Set {

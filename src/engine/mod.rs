@@ -10,9 +10,11 @@
 //! - [`hlc`]: hybrid logical clock versions.
 //! - [`core`]: a core's shards, clock and counters; executes commands, sweeps expired entries.
 
+pub mod budget;
 pub mod command;
 pub mod core;
 pub mod entry;
+pub mod ghost;
 pub mod hlc;
 pub mod shard;
 pub mod slab;

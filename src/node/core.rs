@@ -96,7 +96,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         core,
         router.nr_cores(),
         setup.num_shards,
-        config.capacity,
+        config.memory,
         setup.node_id,
         setup.epoch,
     ));

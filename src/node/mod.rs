@@ -85,6 +85,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             anti_entropy_interval: config.anti_entropy_interval,
             transition: config.transition(),
             metrics_addr: config.metrics_addr,
+            memory: config.memory,
         },
         Cores {
             sharded,
@@ -143,7 +144,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shard_port,
         cores = ?cpus.iter().map(|c| c.0).collect::<Vec<_>>(),
         shards = num_shards,
-        capacity = config.capacity,
+        max_memory = config.memory.max_bytes,
+        capacity = config.memory.max_entries.unwrap_or(0),
+        eviction = ?config.memory.policy,
         ttl_secs = config.ttl_secs.unwrap_or(0),
         rate_limit = config.rate_limit.map(|r| r.get()).unwrap_or(0),
         metrics = %config.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),

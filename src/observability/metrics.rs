@@ -229,6 +229,9 @@ pub struct NodeSnapshot {
     pub members: Vec<(&'static str, u64)>,
     pub rss_bytes: u64,
     pub uptime_secs: f64,
+    /// MAX_MEMORY, and CAPACITY (0: none).
+    pub memory_budget_bytes: u64,
+    pub capacity: u64,
 }
 
 /// Resident set size of this process, from /proc.
@@ -371,7 +374,7 @@ impl Collector for SnapshotCollector {
         counter_family(
             &mut encoder,
             "cache_evictions",
-            "Entries evicted (CLOCK, an LRU approximation) to stay within CAPACITY, by owning core.",
+            "Entries evicted (EVICTION: S3-FIFO or CLOCK) to stay within MAX_MEMORY and CAPACITY, by owning core.",
             &per_core(&|c| c.engine.evictions),
         )?;
         counter_family(
@@ -403,6 +406,18 @@ impl Collector for SnapshotCollector {
             "cache_entry_bytes",
             "Bytes of entries held (header, key, value), by owning core.",
             &gauge(&|c| c.engine.bytes),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_memory_used_bytes",
+            "Memory the core's shards hold as MAX_MEMORY counts it (entries as allocated, index, queues), by owning core.",
+            &gauge(&|c| c.engine.used_bytes),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_memory_share_bytes",
+            "The core's current share of MAX_MEMORY, moved between cores as they need it.",
+            &gauge(&|c| c.engine.limit_bytes),
         )?;
         gauge_family(
             &mut encoder,
@@ -635,6 +650,18 @@ impl Collector for SnapshotCollector {
         )?;
         gauge_family(
             &mut encoder,
+            "cache_memory_budget_bytes",
+            "MAX_MEMORY: what the node's cores may hold in all.",
+            &[(Vec::new(), self.0.memory_budget_bytes as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "cache_capacity_entries",
+            "CAPACITY: the most entries the node holds (0: no cap).",
+            &[(Vec::new(), self.0.capacity as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
             "process_resident_memory_bytes",
             "Resident set size.",
             &[(Vec::new(), self.0.rss_bytes as i64)],
@@ -680,6 +707,9 @@ mod tests {
                 bytes: 700,
                 evictions: 2,
                 expirations: 1,
+                used_bytes: 4096,
+                limit_bytes: 1 << 20,
+                ..Default::default()
             },
             0,
         );
@@ -693,7 +723,15 @@ mod tests {
             cores: vec![snap],
             rss_bytes: 1 << 20,
             uptime_secs: 1.5,
+            memory_budget_bytes: 1 << 30,
+            capacity: 0,
         });
+        assert!(
+            text.contains("\ncache_memory_budget_bytes 1073741824\n")
+                && text.contains(r#"cache_memory_used_bytes{core="1"} 4096"#)
+                && text.contains(r#"cache_memory_share_bytes{core="1"} 1048576"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"cache_requests_total{core="1",command="set",code="OK"} 2"#),
             "{text}"

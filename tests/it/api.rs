@@ -273,8 +273,10 @@ async fn capacity_holds_across_more_shards_than_cores() {
             Err(e) => assert_eq!(e.code(), Code::NotFound),
         }
     }
-    // 4 shards of 25, each offered ~250 keys: every shard is full, none over.
-    assert_eq!(present, 100);
+    // CAPACITY is node-wide: the cores' and shards' shares follow where the keys land, so the
+    // node is full to within 1% (a share moved in the last round may not be filled yet) and
+    // never over.
+    assert!((99..=100).contains(&present), "{present} of CAPACITY 100");
     assert!(
         c.get(GetRequest {
             key: "k999".into(),

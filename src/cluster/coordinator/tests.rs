@@ -22,7 +22,18 @@ fn run<F: Future<Output = ()> + 'static>(test: impl FnOnce() -> F + Send + 'stat
 
 fn coordinator(peers: Rc<InMemory>) -> Rc<Coordinator<InMemory>> {
     Rc::new(Coordinator {
-        engine: Rc::new(CoreEngine::new(0, 1, 1, 10_000, 1, Instant::now())),
+        engine: Rc::new(CoreEngine::new(
+            0,
+            1,
+            1,
+            crate::engine::budget::Memory {
+                max_bytes: 1 << 30,
+                max_entries: Some(10_000),
+                policy: crate::engine::shard::Policy::S3Fifo,
+            },
+            1,
+            Instant::now(),
+        )),
         peers,
         me: "a".into(),
         ring: RefCell::new(Rc::new(Ring::new(["a", "b", "c"].map(String::from), 16, 3))),
