@@ -12,6 +12,9 @@ fn invalid_variables_are_refused_with_one_line() {
         ("RATE_LIMIT", "lots"),
         ("MAX_RECV_MSG_SIZE", "big"),
         ("RPC_TIMEOUT", "-1"),
+        ("MAX_MEMORY", "lots"),
+        ("MAX_MEMORY", "1mb"),
+        ("EVICTION", "lru"),
     ];
     for (var, value) in cases {
         let (status, stderr) = run_expecting_failure(&[(var, value)]);

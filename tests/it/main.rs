@@ -13,6 +13,7 @@ mod h2conformance;
 mod histories;
 mod interop;
 mod limits;
+mod memory;
 mod metrics;
 mod movement;
 mod shutdown;
