@@ -183,7 +183,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 .map_err(|s| status_error(&t, s))?
                 .into_inner();
             println!(
-                "{:>4} {:>12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>6} {:>8} {:>10}",
+                "{:>4} {:>12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>6} {:>8} {:>10} {:>9} {:>9}",
                 "core",
                 "requests",
                 "hits",
@@ -194,12 +194,14 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 "expired",
                 "shed",
                 "limited",
-                "mean_us"
+                "mean_us",
+                "used_MB",
+                "share_MB"
             );
             for c in &s.cores {
                 let requests: u64 = c.requests.iter().map(|r| r.count).sum();
                 println!(
-                    "{:>4} {:>12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>6} {:>8} {:>10.1}",
+                    "{:>4} {:>12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>6} {:>8} {:>10.1} {:>9.1} {:>9.1}",
                     c.core,
                     requests,
                     c.hits,
@@ -210,12 +212,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                     c.expirations,
                     c.shed,
                     c.rate_limited,
-                    c.mean_latency_us
+                    c.mean_latency_us,
+                    c.memory_used_bytes as f64 / 1e6,
+                    c.memory_share_bytes as f64 / 1e6
                 );
             }
             println!(
-                "rss {:.1} MB, up {:.0} s",
+                "rss {:.1} MB, MAX_MEMORY {:.1} MB, up {:.0} s",
                 s.rss_bytes as f64 / 1e6,
+                s.memory_budget_bytes as f64 / 1e6,
                 s.uptime_seconds
             );
         }

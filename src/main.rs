@@ -38,6 +38,7 @@ fn serve() {
         }
     };
     observability::init_logging(config.log_format);
+    distributed_cache::engine::slab::fix_malloc_mmap_threshold();
     if let Err(e) = node::run(config) {
         eprintln!("distributed-cache: {e:#}");
         std::process::exit(1);

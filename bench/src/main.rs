@@ -137,6 +137,9 @@ pub struct LoadArgs {
     key_bytes: u64,
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=(64 << 20)))]
     value_bytes: u64,
+    /// Values of random sizes from --value-bytes up to this, log-uniformly.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(64 << 20)))]
+    value_bytes_max: Option<u64>,
     /// Share of Gets among Gets and Sets, 0..1.
     #[arg(long, default_value_t = 0.9, value_parser = parse_ratio)]
     read_ratio: f64,
@@ -213,6 +216,7 @@ impl LoadArgs {
                 first_key: self.first_key,
                 key_bytes: self.key_bytes as usize,
                 value_bytes: self.value_bytes as usize,
+                value_bytes_max: self.value_bytes_max.map(|m| m as usize),
                 read_ratio: self.read_ratio,
                 delete_ratio: self.delete_ratio,
                 dist: self.dist,

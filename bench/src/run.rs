@@ -341,7 +341,7 @@ async fn worker(
 ) -> Recorder {
     let mut client = client(&conn, &target);
     let mut rec = Recorder::default();
-    let value = value_of(w.value_bytes);
+    let value = value_of(w.value_bytes_max.unwrap_or(0).max(w.value_bytes));
     let mut due = start;
     while !phase.stop.load(Ordering::Relaxed) {
         if phase
@@ -364,8 +364,9 @@ async fn worker(
         };
         let key = key_for(generator.key_index(), w.key_bytes);
         let op = generator.op();
+        let value = &value[..generator.value_len()];
         if let Some(smart) = &smart {
-            let outcome = smart_call(smart, op, &key, &value, &w, req.timeout).await;
+            let outcome = smart_call(smart, op, &key, value, &w, req.timeout).await;
             rec.record_latency(sent_from.elapsed().as_micros() as u64);
             match outcome {
                 Ok(hit) => {
@@ -392,7 +393,7 @@ async fn worker(
                 Op::Set => client
                     .set(req.wrap(SetRequest {
                         key,
-                        payload: Some(set_request::Payload::Value(value.clone())),
+                        payload: Some(set_request::Payload::Value(value.to_string())),
                         ttl_seconds: None,
                         consistency: w.consistency,
                     }))

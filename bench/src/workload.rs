@@ -23,6 +23,9 @@ pub struct Workload {
     pub first_key: u64,
     pub key_bytes: usize,
     pub value_bytes: usize,
+    /// When set, each Set's value is between `value_bytes` and this, log-uniformly (as many
+    /// values of 10-100 B as of 10-100 KB): sizes that vary by orders of magnitude.
+    pub value_bytes_max: Option<usize>,
     /// Share of Gets; the rest are Sets, except `delete_ratio` of all requests.
     pub read_ratio: f64,
     pub delete_ratio: f64,
@@ -63,6 +66,19 @@ impl Generator {
         self.w.first_key + offset
     }
 
+    /// The length of the next Set's value.
+    pub fn value_len(&mut self) -> usize {
+        match self.w.value_bytes_max {
+            Some(max) if max > self.w.value_bytes => {
+                let lo = (self.w.value_bytes.max(1) as f64).ln();
+                let hi = (max as f64).ln();
+                let x: f64 = self.rng.random_range(lo..=hi);
+                (x.exp() as usize).clamp(self.w.value_bytes, max)
+            }
+            _ => self.w.value_bytes,
+        }
+    }
+
     pub fn op(&mut self) -> Op {
         let x: f64 = self.rng.random();
         if x < self.w.delete_ratio {
@@ -94,11 +110,27 @@ mod tests {
             first_key: 0,
             key_bytes: 16,
             value_bytes: 100,
+            value_bytes_max: None,
             read_ratio,
             delete_ratio,
             dist,
             consistency: 0,
         }
+    }
+
+    #[test]
+    fn random_value_sizes_span_the_range_log_uniformly() {
+        let mut wl = w(KeyDist::Uniform, 0.0, 0.0);
+        wl.value_bytes = 10;
+        wl.value_bytes_max = Some(100_000);
+        let mut g = Generator::new(&wl, 3);
+        let lens: Vec<usize> = (0..10_000).map(|_| g.value_len()).collect();
+        assert!(lens.iter().all(|&l| (10..=100_000).contains(&l)));
+        let small = lens.iter().filter(|&&l| l < 100).count();
+        let large = lens.iter().filter(|&&l| l >= 10_000).count();
+        // Each decade holds about a quarter.
+        assert!((2000..3000).contains(&small), "{small}");
+        assert!((2000..3000).contains(&large), "{large}");
     }
 
     #[test]

@@ -217,11 +217,16 @@ pub struct Shard {
     slab: Slab,
 }
 
-/// What the allocator takes for an entry of `len` bytes: its slab cell, or a malloc chunk
-/// (glibc: 8 bytes of header, 16-byte granularity).
+/// What the allocator takes for an entry of `len` bytes: its slab cell, a malloc chunk
+/// (glibc: 8 bytes of header, 16-byte granularity), or from
+/// [`super::slab::MALLOC_MMAP_THRESHOLD`] up a mapping of whole pages.
 #[inline]
 pub fn charge(len: usize) -> usize {
-    Slab::cell_size(len).unwrap_or_else(|| (len + 8).next_multiple_of(16))
+    match Slab::cell_size(len) {
+        Some(cell) => cell,
+        None if len + 8 >= super::slab::MALLOC_MMAP_THRESHOLD => (len + 16).next_multiple_of(4096),
+        None => (len + 8).next_multiple_of(16),
+    }
 }
 
 impl Shard {
