@@ -3,7 +3,7 @@
 use super::*;
 use crate::engine::entry::entry_len;
 use proptest::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 fn v(n: u64) -> Version {
     Version { hlc: n, node: 1 }
@@ -102,11 +102,13 @@ fn capacity_is_never_exceeded() {
     }
     assert_eq!(s.len(), 100);
     assert_eq!(s.stats().evictions, 900);
-    // Nothing was read: CLOCK evicts in insertion order, so the survivors are the 100 most
-    // recent.
-    for i in 900..1000 {
-        assert!(get(&mut s, &format!("k{i}"), 0).is_some());
-    }
+    // Nothing was read: S3-FIFO evicts in insertion order, so the survivors are the most
+    // recent, but for the rare new key the ghost mistakes for one it remembers (a fingerprint
+    // match, about 1 in 500 lookups), which goes to main and outlives a few newer ones.
+    let recent = (900..1000)
+        .filter(|i| get(&mut s, &format!("k{i}"), 0).is_some())
+        .count();
+    assert!(recent >= 90, "{recent} of the 100 most recent kept");
 }
 
 #[test]
@@ -321,4 +323,180 @@ fn for_each_in_skips_expired_and_other_buckets_and_peek_does_not_touch() {
         "peek leaves eviction order alone"
     );
     assert!(s.peek(b"b", 5).is_none());
+}
+
+/// S3-FIFO (or CLOCK) written the plain way, over keys: what the shard's queues of slots must
+/// match. Every entry has the same size here, so byte shares are entry shares. Whether a new
+/// key comes back from the ghost is read off the shard (the ghost is approximate by design
+/// and tested on its own); everything else the model decides.
+#[derive(Default)]
+struct Model {
+    cap: usize,
+    clock: bool,
+    small: VecDeque<u8>,
+    main: VecDeque<u8>,
+    freq: HashMap<u8, u8>,
+    values: HashMap<u8, u8>,
+}
+
+impl Model {
+    fn max_freq(&self) -> u8 {
+        if self.clock {
+            1
+        } else {
+            3
+        }
+    }
+
+    fn touch(&mut self, k: u8) {
+        let max = self.max_freq();
+        let f = self.freq.get_mut(&k).unwrap();
+        *f = (*f + 1).min(max);
+    }
+
+    fn remove(&mut self, k: u8) {
+        self.small.retain(|&x| x != k);
+        self.main.retain(|&x| x != k);
+        self.freq.remove(&k);
+        self.values.remove(&k);
+    }
+
+    fn evict(&mut self) {
+        loop {
+            let from_small = !self.small.is_empty()
+                && (self.main.is_empty() || self.small.len() * 100 > self.values.len() * 10);
+            let k = if from_small {
+                self.small.pop_front()
+            } else {
+                self.main.pop_front()
+            }
+            .expect("evicting from a non-empty cache");
+            let f = self.freq[&k];
+            if f > 0 {
+                self.freq.insert(k, if from_small { 0 } else { f - 1 });
+                self.main.push_back(k);
+                continue;
+            }
+            self.freq.remove(&k);
+            self.values.remove(&k);
+            return;
+        }
+    }
+}
+
+/// The shard's queue, as keys (slots emptied by deletes left out).
+fn queue_keys(s: &Shard, q: &VecDeque<u32>) -> Vec<u8> {
+    q.iter()
+        .filter_map(|&slot| s.slots[slot as usize].as_ref().map(|e| e.key()[0]))
+        .collect()
+}
+
+proptest! {
+    /// Through any sequence of Sets, Gets and Deletes, the shard keeps exactly the keys the
+    /// model keeps, in the same queue order, with the same access counts.
+    #[test]
+    fn eviction_matches_the_model(
+        ops in proptest::collection::vec(op(), 1..400),
+        cap in 1usize..10,
+        clock: bool,
+    ) {
+        let policy = if clock { Policy::Clock } else { Policy::S3Fifo };
+        let mut s = Shard::with(policy, Limits { bytes: usize::MAX, entries: cap });
+        let mut m = Model { cap, clock, ..Default::default() };
+        for o in ops {
+            match o {
+                Op::Set(k, val) => {
+                    if m.values.contains_key(&k) {
+                        m.touch(k);
+                    } else {
+                        if m.values.len() >= m.cap {
+                            m.evict();
+                        }
+                        m.freq.insert(k, 0);
+                    }
+                    let new = !m.values.contains_key(&k);
+                    m.values.insert(k, val);
+                    s.set(&[k], &[val], v(1), 0, 0);
+                    if new {
+                        let slot = s.find(s.hash(&[k]), &[k]).expect("just stored");
+                        if s.meta[slot as usize] & IN_MAIN != 0 || clock {
+                            m.main.push_back(k);
+                        } else {
+                            m.small.push_back(k);
+                        }
+                    }
+                }
+                Op::Get(k) => {
+                    let got = s.get(&[k], 0).map(|f| f.value[0]);
+                    prop_assert_eq!(got, m.values.get(&k).copied());
+                    if got.is_some() {
+                        m.touch(k);
+                    }
+                }
+                Op::Del(k) => {
+                    prop_assert_eq!(s.delete(&[k], 0), m.values.contains_key(&k));
+                    m.remove(k);
+                }
+            }
+            prop_assert_eq!(queue_keys(&s, &s.small), m.small.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(queue_keys(&s, &s.main), m.main.iter().copied().collect::<Vec<_>>());
+            for (&k, &f) in &m.freq {
+                let slot = s.find(s.hash(&[k]), &[k]).expect("kept");
+                prop_assert_eq!(s.meta[slot as usize] & FREQ_MASK, f, "count of {}", k);
+            }
+            prop_assert_eq!(s.len(), m.values.len());
+        }
+    }
+}
+
+#[test]
+fn expired_entries_go_before_any_live_one_is_evicted() {
+    let mut s = Shard::with(
+        Policy::S3Fifo,
+        Limits {
+            bytes: usize::MAX,
+            entries: 4,
+        },
+    );
+    s.set_at(b"live-1", b"v", v(1), 0, 0, 0);
+    s.set_at(b"live-2", b"v", v(1), 0, 0, 0);
+    s.set_at(b"ttl-1", b"v", v(1), 5, 0, 0);
+    s.set_at(b"ttl-2", b"v", v(1), 5, 0, 0);
+    // At tick 10 both TTL entries have expired: two new keys take their room, in FIFO order
+    // the live ones would have gone first.
+    s.set_at(b"new-1", b"v", v(1), 0, 0, 10);
+    s.set_at(b"new-2", b"v", v(1), 0, 0, 10);
+    for k in ["live-1", "live-2", "new-1", "new-2"] {
+        assert!(get(&mut s, k, 10).is_some(), "{k} kept");
+    }
+    let st = s.stats();
+    assert_eq!((st.expirations, st.evictions), (2, 0));
+}
+
+#[test]
+fn the_byte_limit_counts_entries_and_structures() {
+    let limit = 2 << 20;
+    let mut s = Shard::with(
+        Policy::S3Fifo,
+        Limits {
+            bytes: limit,
+            entries: usize::MAX,
+        },
+    );
+    for i in 0..100_000u64 {
+        s.set(format!("key-{i:08}").as_bytes(), &[5; 100], v(i), 0, 0);
+        assert!(s.used_bytes() <= limit, "{} over {limit}", s.used_bytes());
+    }
+    // Filled to within a few entries' worth (plus one index doubling it could not afford).
+    assert!(s.stats().evictions > 0);
+    assert!(s.len() > 8_000, "{} entries in 2 MiB", s.len());
+    // A smaller limit evicts at once.
+    s.set_limits(
+        Limits {
+            bytes: limit / 2,
+            entries: usize::MAX,
+        },
+        0,
+    );
+    assert!(s.used_bytes() <= limit / 2);
 }
