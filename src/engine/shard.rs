@@ -586,6 +586,7 @@ impl Shard {
             self.digest[bucket_of_position(pos)] ^=
                 entry_digest_at(pos, entry.version(), entry.flags())
                     ^ entry_digest_at(pos, version, flags);
+            let mut grew = false;
             if !entry.try_overwrite(key, value, version, expires_at, flags) {
                 let new = Entry::new(&mut self.slab, key, value, version, expires_at, flags);
                 let (old_len, new_len) = (entry.alloc_len(), new.alloc_len());
@@ -594,11 +595,14 @@ impl Shard {
                 if in_small {
                     self.small_bytes = self.small_bytes - charge(old_len) + charge(new_len);
                 }
+                grew = charge(new_len) > charge(old_len);
                 std::mem::replace(entry, new).free(&mut self.slab);
             }
             self.touch(s);
             self.schedule(s, expires_at);
-            self.make_room(0, now);
+            if grew {
+                self.make_room(0, now);
+            }
             return;
         }
         let len = entry_len(key.len(), value.len());
