@@ -133,13 +133,18 @@ fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigE
     }
 }
 
+/// A variable's value, trimmed; None when unset or blank (the default applies).
+fn given(raw: &Option<String>) -> Option<&str> {
+    raw.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
 fn parse_u64(
     var: &'static str,
     raw: &Option<String>,
     default: u64,
     min: u64,
 ) -> Result<u64, ConfigError> {
-    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+    let Some(value) = given(raw) else {
         return Ok(default);
     };
     let n: u64 = value
@@ -151,6 +156,9 @@ fn parse_u64(
     Ok(n)
 }
 
+const BYTES_EXPECTED: &str =
+    "expected bytes with an optional unit: k, kb, m, mb, g, gb (e.g. 512mb)";
+
 /// A size in bytes, as Redis reads `maxmemory`: a number with an optional unit, `k`/`m`/`g`
 /// (powers of 1000) or `kb`/`mb`/`gb` (powers of 1024), case-insensitive.
 fn parse_bytes(
@@ -159,7 +167,7 @@ fn parse_bytes(
     default: u64,
     min: u64,
 ) -> Result<u64, ConfigError> {
-    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+    let Some(value) = given(raw) else {
         return Ok(default);
     };
     let lower = value.to_ascii_lowercase();
@@ -174,26 +182,14 @@ fn parse_bytes(
         "gb" => 1 << 30,
         "t" => 1_000_000_000_000,
         "tb" => 1 << 40,
-        _ => {
-            return Err(invalid(
-                var,
-                value,
-                "expected bytes with an optional unit: k, kb, m, mb, g, gb (e.g. 512mb)",
-            ))
-        }
+        _ => return Err(invalid(var, value, BYTES_EXPECTED)),
     };
     let n = digits
         .trim()
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(unit))
-        .ok_or_else(|| {
-            invalid(
-                var,
-                value,
-                "expected bytes with an optional unit: k, kb, m, mb, g, gb (e.g. 512mb)",
-            )
-        })?;
+        .ok_or_else(|| invalid(var, value, BYTES_EXPECTED))?;
     if n < min {
         return Err(invalid(
             var,
@@ -209,7 +205,7 @@ fn parse_secs(
     raw: &Option<String>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let Some(value) = raw.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+    let Some(value) = given(raw) else {
         return Ok(default);
     };
     let secs: f64 = value
