@@ -78,6 +78,8 @@ pub struct CoreEngine {
     seen: RefCell<Vec<(u64, u64)>>,
     /// The same for the core as a whole, as the node's rebalancer last asked.
     seen_core: Cell<(u64, u64)>,
+    /// (bytes, entries) the core held when the rebalancer last asked.
+    reported: Cell<(u64, u64)>,
 }
 
 /// Splits `capacity` over `num_shards` shards as evenly as possible (the first
@@ -131,6 +133,7 @@ impl CoreEngine {
                 .saturating_sub(num_shards as u64 * SHARD_FIXED_BYTES as u64),
             seen: RefCell::new(seen),
             seen_core: Cell::new((0, 0)),
+            reported: Cell::new((0, 0)),
         }
     }
 
@@ -141,6 +144,7 @@ impl CoreEngine {
         let (bytes_then, evictions_then) = self
             .seen_core
             .replace((stats.evicted_bytes, stats.evictions));
+        self.reported.set((stats.used_bytes, stats.entries));
         CoreDemand {
             bytes: Demand {
                 used: stats.used_bytes,
@@ -155,8 +159,16 @@ impl CoreEngine {
 
     /// Takes this core's new share of the node's budget and divides it among its shards by
     /// the same rule; shards over their new limit evict down to it at once.
+    ///
+    /// The share was computed from what the core held when asked; what it took since (one
+    /// large entry, say) is added to it rather than evicted on a stale count: the next round
+    /// sees it and takes the room from the others.
     pub fn set_share(&self, bytes: u64, entries: Option<u64>) {
         let tick = self.tick(Instant::now());
+        let now = self.stats();
+        let (bytes_then, entries_then) = self.reported.get();
+        let bytes = bytes.saturating_add(now.used_bytes.saturating_sub(bytes_then));
+        let entries = entries.map(|n| n.saturating_add(now.entries.saturating_sub(entries_then)));
         let mut shards = self.shards.borrow_mut();
         let mut seen = self.seen.borrow_mut();
         let mut byte_parts = Vec::with_capacity(shards.len());
