@@ -56,6 +56,14 @@ struct RawEnv {
     http2_core_reply_buffer: Option<String>,
     max_connections: Option<String>,
     shard_port: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
+    tls_ca_file: Option<String>,
+    plaintext_addr: Option<String>,
+    auth_tokens_file: Option<String>,
+    cluster_secret: Option<String>,
+    cluster_secret_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +122,10 @@ pub struct Config {
     /// The shard-aware port (routing/steer.rs): Some(0) for one the kernel picks (the
     /// default: NodeService.Layout tells peers which), None when SHARD_PORT is off.
     pub shard_port: Option<u16>,
+    /// TLS, tokens and the cluster secret (the files are read by `security::Material::load`).
+    pub security: crate::security::Settings,
+    /// With TLS on ADDR: where the node also serves plaintext (PLAINTEXT_ADDR), if anywhere.
+    pub plaintext_addr: Option<SocketAddr>,
 }
 
 /// One invalid variable. Printed as is by main.
@@ -220,6 +232,105 @@ fn parse_secs(
 /// Connections the process's open-file limit leaves room for: each takes two descriptors (the
 /// socket and the handle kept for its lingering close), and a few hundred stay for peers,
 /// gossip, metrics and io_uring.
+/// The TLS_*, AUTH_TOKENS_FILE and CLUSTER_SECRET(_FILE) variables. The files themselves are
+/// read at start by `security::Material::load`, whose errors name the variable and path.
+fn security_settings(
+    raw: &RawEnv,
+    listen_addr: SocketAddr,
+) -> Result<(crate::security::Settings, Option<SocketAddr>), ConfigError> {
+    use crate::security::{secret::ClusterSecret, tls::TlsFiles};
+    use std::path::PathBuf;
+    let path = |raw: &Option<String>| given(raw).map(PathBuf::from);
+    let cert = path(&raw.tls_cert_file);
+    let key = path(&raw.tls_key_file);
+    let tls = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: path(&raw.tls_client_ca_file),
+            peer_ca: path(&raw.tls_ca_file),
+        }),
+        (Some(cert), None) => {
+            return Err(invalid(
+                "TLS_KEY_FILE",
+                "",
+                format!("required with TLS_CERT_FILE={}", cert.display()),
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(invalid(
+                "TLS_CERT_FILE",
+                "",
+                format!("required with TLS_KEY_FILE={}", key.display()),
+            ))
+        }
+    };
+    if tls.is_none() {
+        for (var, value) in [
+            ("TLS_CLIENT_CA_FILE", &raw.tls_client_ca_file),
+            ("TLS_CA_FILE", &raw.tls_ca_file),
+            ("PLAINTEXT_ADDR", &raw.plaintext_addr),
+        ] {
+            if let Some(value) = given(value) {
+                return Err(invalid(var, value, "needs TLS_CERT_FILE and TLS_KEY_FILE"));
+            }
+        }
+    }
+    let plaintext_addr = match given(&raw.plaintext_addr) {
+        None => None,
+        Some(value) => {
+            validate_host_port("PLAINTEXT_ADDR", value)?;
+            let addr = value
+                .to_socket_addrs()
+                .map_err(|e| invalid("PLAINTEXT_ADDR", value, format!("cannot resolve: {e}")))?
+                .find(|a| a.is_ipv4())
+                .ok_or_else(|| invalid("PLAINTEXT_ADDR", value, "resolves to no IPv4 address"))?;
+            if addr == listen_addr {
+                return Err(invalid(
+                    PLAINTEXT_ADDR,
+                    value,
+                    "is the address TLS is served on",
+                ));
+            }
+            Some(addr)
+        }
+    };
+    // The secret itself is never echoed in an error.
+    let cluster = match (given(&raw.cluster_secret), given(&raw.cluster_secret_file)) {
+        (Some(_), Some(file)) => {
+            return Err(invalid(
+                "CLUSTER_SECRET_FILE",
+                file,
+                "give CLUSTER_SECRET or CLUSTER_SECRET_FILE, not both",
+            ))
+        }
+        (Some(secret), None) => Some(
+            ClusterSecret::new(secret.as_bytes())
+                .map_err(|reason| invalid("CLUSTER_SECRET", "(hidden)", reason))?,
+        ),
+        (None, Some(file)) => {
+            let secret = std::fs::read(file)
+                .map_err(|e| invalid("CLUSTER_SECRET_FILE", file, format!("cannot read: {e}")))?;
+            Some(
+                ClusterSecret::new(secret.trim_ascii())
+                    .map_err(|reason| invalid("CLUSTER_SECRET_FILE", file, reason))?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok((
+        crate::security::Settings {
+            tls,
+            tokens_file: path(&raw.auth_tokens_file),
+            cluster,
+        },
+        plaintext_addr,
+    ))
+}
+
+const PLAINTEXT_ADDR: &str = "PLAINTEXT_ADDR";
+
 fn default_max_connections() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -560,7 +671,11 @@ impl Config {
             })?),
         };
 
+        let (security, plaintext_addr) = security_settings(&raw, listen_addr)?;
+
         Ok(Config {
+            security,
+            plaintext_addr,
             shard_port,
             http2,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),

@@ -7,6 +7,7 @@
 //! - [`ingress`]: a core's connections: HTTP/2 and gRPC, validation, routing to the owning core.
 //! - [`routing`]: key -> shard -> core, ring buckets, and the port that lands on a given core.
 //! - [`cluster`]: ring, quorum plans and their coordinator, peer clients, hints, anti-entropy.
+//! - [`security`]: TLS material, client tokens, the cluster secret; the per-request gate.
 //! - [`wire`]: conversions between the peer protocol's messages and replica entries.
 //! - [`engine`]: commands, the single-threaded shard, the HLC, a core's shards and sweeps.
 //! - [`error`]: the node's request error enum and its single mapping to gRPC status codes.
@@ -27,6 +28,7 @@ pub mod ingress;
 pub mod node;
 pub mod observability;
 pub mod routing;
+pub mod security;
 pub mod wire;
 
 /// Generated from `proto/cache.proto` and `proto/peer.proto` by build.rs.

@@ -1,10 +1,10 @@
 //! The `distributed-cache` binary. Bare (or `serve`): read the configuration, set up logs, run
-//! the node until a signal; a start-up failure is one line on stderr (exit 2 for
+//! the node until a signal (SIGHUP reloads certificates and tokens); a start-up failure is one line on stderr (exit 2 for
 //! configuration, 1 otherwise). With a subcommand: an operator's client (see `--help`).
 //! Runs on the main thread; the node's own threads are started by [`node::run`].
 
 use clap::Parser;
-use distributed_cache::{cli, config::Config, node, observability};
+use distributed_cache::{cli, config::Config, node, observability, security::Material};
 
 fn main() {
     let args = cli::Cli::parse();
@@ -37,9 +37,18 @@ fn serve() {
             std::process::exit(2);
         }
     };
+    // Certificates, keys and tokens are read before anything starts: a bad file is a
+    // configuration error, one line naming its variable and path.
+    let material = match Material::load(&config.security) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("distributed-cache: {e}");
+            std::process::exit(2);
+        }
+    };
     observability::init_logging(config.log_format);
     distributed_cache::engine::slab::fix_malloc_mmap_threshold();
-    if let Err(e) = node::run(config) {
+    if let Err(e) = node::run(config, material) {
         eprintln!("distributed-cache: {e:#}");
         std::process::exit(1);
     }

@@ -14,8 +14,16 @@
 //!   bounds against hostile clients, and [`server::serve`], its driver on a glommio executor.
 //!
 //! Each connection and its driver run on one thread, that of the executor it was made on.
+//! The drivers run over any [`Transport`]: a glommio TCP stream, or TLS over one.
 
 pub mod client;
 pub mod frame;
 pub mod hpack;
 pub mod server;
+
+/// What a driver reads and writes: a byte stream of the executor it runs on. A layer that
+/// buffers what it was given (TLS records) must send it on `poll_flush`, which the drivers call
+/// whenever they have written all they hold.
+pub trait Transport: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static {}
+
+impl<T: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static> Transport for T {}

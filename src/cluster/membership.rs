@@ -13,12 +13,13 @@
 //! Every change of the ring's node set is sent to every core as a fresh [`Ring`] copy.
 
 use super::ring::Ring;
+use crate::security::secret::{ClusterSecret, GossipOpener, GossipRefusal};
 use foca::{Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
 use rand::{rngs::SmallRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, HashMap},
-    num::NonZeroU32,
+    num::{NonZeroU32, NonZeroUsize},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -262,6 +263,10 @@ pub struct MembershipSettings {
     pub dead_after: Duration,
     pub vnodes: u32,
     pub replication_factor: usize,
+    /// CLUSTER_SECRET: every datagram is sealed with it, and one that does not open is
+    /// dropped and counted in `refused` (by `GossipRefusal::ALL`'s order).
+    pub seal: Option<ClusterSecret>,
+    pub refused: Arc<[std::sync::atomic::AtomicU64; 3]>,
 }
 
 /// How long foca's suspicion of each member has lasted, to end the ones whose timer foca
@@ -351,6 +356,12 @@ pub async fn start(
     config.probe_rtt = Duration::from_millis(200);
     config.suspect_to_down_after = Duration::from_secs(2);
     let config_suspect_to_down = config.suspect_to_down_after;
+    if settings.seal.is_some() {
+        // The seal's bytes must fit in the same datagram.
+        config.max_packet_size =
+            NonZeroUsize::new(config.max_packet_size.get() - crate::security::secret::SEAL_BYTES)
+                .expect("foca's LAN packet size is far above the seal's");
+    }
     config.remove_down_after = Some(Duration::from_secs(15));
     config.periodic_announce = Some(foca::PeriodicParams {
         frequency: Duration::from_secs(2),
@@ -376,6 +387,10 @@ pub async fn start(
                  timer_tx: &mpsc::UnboundedSender<Timer<NodeIdentity>>| {
         for (to, data) in actions.sends {
             let socket = Arc::clone(socket);
+            let data = match &settings.seal {
+                Some(secret) => secret.seal(&data),
+                None => data,
+            };
             tokio::spawn(async move {
                 let _ = socket.send_to(&data, to.addr.as_str()).await;
             });
@@ -453,6 +468,7 @@ pub async fn start(
     apply(actions, &view, &mut last_nodes, &socket, &timer_tx);
     tell_health(&view);
 
+    let mut opener = settings.seal.clone().map(GossipOpener::new);
     let mut buf = vec![0u8; 65536];
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut suspicions = Suspicions::default();
@@ -462,8 +478,19 @@ pub async fn start(
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, _)) = r {
-                    if !left {
-                        let _ = foca.handle_data(&buf[..n], &mut actions);
+                    let opened = match &mut opener {
+                        None => Ok(&buf[..n]),
+                        Some(opener) => opener.open(&buf[..n]),
+                    };
+                    match opened {
+                        Ok(payload) if !left => {
+                            let _ = foca.handle_data(payload, &mut actions);
+                        }
+                        Ok(_) => {}
+                        Err(refusal) => {
+                            let i = GossipRefusal::ALL.iter().position(|r| *r == refusal).unwrap_or(0);
+                            settings.refused[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             }

@@ -12,6 +12,7 @@ use crate::{
     ingress::{grpc::server::Event, CoreCtx},
     observability::metrics::CoreSnapshot,
     routing::{buckets::BucketSet, owner_core, shard_of, ShardId},
+    security::{tls::HandshakeFailure, Refusal},
 };
 use executors::{Sharded, Unanswered};
 use std::{
@@ -76,6 +77,24 @@ impl Cores {
             .await
             .answer()
             .await
+    }
+
+    /// Installs reloaded TLS material and tokens on every core; how many took them.
+    pub async fn install_security(&self, material: Arc<crate::security::Material>) -> usize {
+        self.sharded
+            .invoke_on_all(SNAPSHOT_TIMEOUT, move |ctx| {
+                let material = Arc::clone(&material);
+                async move {
+                    ctx.security.install(&material);
+                    ctx.coordinator
+                        .peers
+                        .set_tls(material.tls.as_ref().map(|t| t.client.clone()));
+                }
+            })
+            .await
+            .into_iter()
+            .filter(Result::is_ok)
+            .count()
     }
 
     /// `items` grouped by the core that owns their key's shard, with the shard.
@@ -230,6 +249,18 @@ fn snapshot(ctx: &CoreCtx) -> CoreSnapshot {
         .map(|(e, n)| (e.name(), n.get()))
         .collect();
     snapshot.connections_shed = ctx.connections_shed.get();
+    let security = &ctx.security;
+    snapshot.tls_handshakes = security.handshakes.get();
+    snapshot.tls_handshake_failures = HandshakeFailure::ALL
+        .iter()
+        .zip(&security.handshake_failures)
+        .map(|(f, n)| (f.name(), n.get()))
+        .collect();
+    snapshot.refused = Refusal::ALL
+        .iter()
+        .zip(&security.refused)
+        .map(|(r, n)| (r.name(), n.get()))
+        .collect();
     snapshot.reply_bytes = ctx.reply_bytes.get() as u64;
     snapshot
 }

@@ -3,6 +3,7 @@
 //! NodeService.Stats. Runs on the control plane; the cores only take their own snapshots.
 
 use super::cores::Cores;
+use crate::security::secret::GossipRefusal;
 use crate::{
     cluster::{antientropy, membership::SharedView},
     observability::metrics::{self, NodeSnapshot},
@@ -18,6 +19,8 @@ pub struct Gatherer {
     pub view: SharedView,
     pub data_movement: Arc<antientropy::Counters>,
     pub memory: crate::engine::budget::Memory,
+    /// Gossip datagrams dropped, by `GossipRefusal::ALL`'s order.
+    pub gossip_refused: Arc<[std::sync::atomic::AtomicU64; 3]>,
 }
 
 impl Gatherer {
@@ -39,6 +42,11 @@ impl Gatherer {
             rss_bytes: metrics::process_rss_bytes(),
             memory_budget_bytes: self.memory.max_bytes,
             capacity: self.memory.max_entries.unwrap_or(0),
+            gossip_refused: GossipRefusal::ALL
+                .iter()
+                .zip(self.gossip_refused.iter())
+                .map(|(r, n)| (r.name(), n.load(std::sync::atomic::Ordering::Relaxed)))
+                .collect(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
         }
     }

@@ -67,6 +67,8 @@ pub struct Settings {
     pub transition: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub memory: crate::engine::budget::Memory,
+    /// CLUSTER_SECRET: seals gossip.
+    pub cluster: Option<crate::security::secret::ClusterSecret>,
 }
 
 /// The running control plane, as the node's main thread holds it.
@@ -81,6 +83,7 @@ pub struct ControlPlane {
     vnodes: u32,
     replication_factor: usize,
     me: String,
+    cores: Cores,
     thread: thread::JoinHandle<()>,
     stop_tx: oneshot::Sender<()>,
 }
@@ -206,12 +209,14 @@ impl ControlPlane {
             Arc::clone(&counters),
             views.syncing,
         ));
+        let gossip_refused = Arc::new(Default::default());
         let gatherer = Gatherer {
             cores: cores.clone(),
             started: Instant::now(),
             view: Arc::clone(&view),
             data_movement: counters,
             memory: settings.memory,
+            gossip_refused: Arc::clone(&gossip_refused),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         let (membership_tx, membership_rx) = mpsc::unbounded_channel();
@@ -235,10 +240,13 @@ impl ControlPlane {
             dead_after: settings.dead_after,
             vnodes: settings.vnodes,
             replication_factor: settings.replication_factor,
+            seal: settings.cluster.clone(),
+            refused: gossip_refused,
         };
         let rings = views.ring.subscribe();
         let settings_memory = settings.memory;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let control_cores = cores.clone();
         let main = {
             let (health, view, anti_entropy) =
                 (health.clone(), Arc::clone(&view), Arc::clone(&anti_entropy));
@@ -299,9 +307,22 @@ impl ControlPlane {
             vnodes: settings.vnodes,
             replication_factor: settings.replication_factor,
             me: settings.me,
+            cores: control_cores,
             thread,
             stop_tx,
         })
+    }
+
+    /// Gives every core reloaded TLS material and tokens; how many cores took them.
+    pub fn install_security(&self, material: crate::security::Material) -> usize {
+        let cores = self.cores.clone();
+        let material = Arc::new(material);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let taken = cores.install_security(material).await;
+            let _ = done_tx.send(taken);
+        });
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap_or(0)
     }
 
     /// Reports NOT_SERVING, so health checks and load balancers stop sending traffic while the

@@ -9,6 +9,7 @@
 pub mod grpc;
 
 use crate::observability::metrics::CoreMetrics;
+use crate::security::{tls::HandshakeFailure, CoreSecurity, Need, Shown, MEMBER_HEADER};
 use crate::{
     cluster::coordinator::{Coordinator, Routed},
     engine::{
@@ -80,6 +81,8 @@ pub struct CoreCtx {
     /// By `grpc::server::Event`, in the order of `Event::ALL`; and connections turned away.
     pub http2_events: [Cell<u64>; grpc::server::Event::ALL.len()],
     pub connections_shed: Cell<u64>,
+    /// Tokens, the cluster secret and TLS in force on this core, and what they refused.
+    pub security: CoreSecurity,
 }
 
 impl CoreCtx {
@@ -140,6 +143,31 @@ impl grpc::server::Service for Rc<CoreCtx> {
         Some(&self.coordinator.me)
     }
 
+    fn admit(
+        &self,
+        need: Need,
+        head: &http2::server::Head,
+        shown: &mut Shown,
+    ) -> Result<(), tonic::Status> {
+        let gate = self.security.gate.borrow();
+        if need == Need::Nothing || (gate.tokens.is_none() && gate.cluster.is_none()) {
+            return Ok(());
+        }
+        let (mut authorization, mut member) = (None, None);
+        for (name, value) in head.fields() {
+            match name {
+                b"authorization" => authorization = Some(value),
+                MEMBER_HEADER => member = Some(value),
+                _ => {}
+            }
+        }
+        gate.admit(need, authorization, member, shown)
+            .map_err(|refusal| {
+                self.security.count_refusal(refusal);
+                refusal.status()
+            })
+    }
+
     fn count(&self, event: grpc::server::Event) {
         if let Some(i) = grpc::server::Event::ALL.iter().position(|e| *e == event) {
             self.http2_events[i].set(self.http2_events[i].get() + 1);
@@ -147,13 +175,15 @@ impl grpc::server::Service for Rc<CoreCtx> {
     }
 }
 
-/// Accepts connections on `listener` (the shared ADDR) and `steered` (this core's shard-aware
-/// port) until `shutdown`, serving each on this core; then waits up to `drain_timeout` for
+/// Accepts connections on `listener` (the shared ADDR), `steered` (this core's shard-aware
+/// port) and `plaintext` (PLAINTEXT_ADDR) until `shutdown`, serving each on this core (with
+/// TLS when the node has it, except on `plaintext`); then waits up to `drain_timeout` for
 /// the open ones to finish. Returns how many were still open, and the deadline it waited until.
 pub async fn serve_listeners(
     ctx: Rc<CoreCtx>,
     listener: glommio::net::TcpListener,
     steered: Option<glommio::net::TcpListener>,
+    plaintext: Option<glommio::net::TcpListener>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     max_connections: usize,
     drain_timeout: Duration,
@@ -163,10 +193,11 @@ pub async fn serve_listeners(
     // other: a glommio accept dropped after the kernel completed it loses the connection (its
     // descriptor is never handed over), and the peer that opened it waits on a socket nobody
     // reads.
-    let accepting = |listener| {
+    let accepting = |listener, tls| {
         accept_until_shutdown(
             Rc::clone(&ctx),
             listener,
+            tls,
             shutdown.clone(),
             Rc::clone(&connections),
             max_connections,
@@ -174,10 +205,19 @@ pub async fn serve_listeners(
     };
     let on_shard_port = async {
         if let Some(steered) = steered {
-            accepting(steered).await;
+            accepting(steered, true).await;
         }
     };
-    future::zip(accepting(listener), on_shard_port).await;
+    let in_plaintext = async {
+        if let Some(plaintext) = plaintext {
+            accepting(plaintext, false).await;
+        }
+    };
+    future::zip(
+        accepting(listener, true),
+        future::zip(on_shard_port, in_plaintext),
+    )
+    .await;
 
     // Drain: connections were told to finish (GOAWAY); give them until the shutdown timeout.
     let deadline = Instant::now() + drain_timeout;
@@ -191,6 +231,7 @@ pub async fn serve_listeners(
 async fn accept_until_shutdown(
     ctx: Rc<CoreCtx>,
     listener: glommio::net::TcpListener,
+    tls: bool,
     shutdown: tokio::sync::watch::Receiver<bool>,
     connections: Rc<Cell<usize>>,
     max_connections: usize,
@@ -219,9 +260,11 @@ async fn accept_until_shutdown(
                 // Small requests and replies must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
                 connections.set(connections.get() + 1);
+                let tls = tls.then(|| ctx.security.tls.borrow().clone()).flatten();
                 glommio::spawn_local(serve_connection(
                     Rc::clone(&ctx),
                     stream,
+                    tls,
                     shutdown.clone(),
                     Rc::clone(&connections),
                 ))
@@ -263,6 +306,7 @@ async fn shed_connection(mut stream: glommio::net::TcpStream) {
 async fn serve_connection(
     ctx: Rc<CoreCtx>,
     stream: glommio::net::TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     connections: Rc<Cell<usize>>,
 ) {
@@ -275,13 +319,81 @@ async fn serve_connection(
     let shutdown = Box::pin(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     });
-    let ended = grpc::server::serve(ctx, stream, shutdown).await;
+    let ended = match tls {
+        None => grpc::server::serve(Rc::clone(&ctx), stream, shutdown).await,
+        Some(config) => match handshake(&ctx, config, stream).await {
+            Ok(stream) => grpc::server::serve(Rc::clone(&ctx), stream, shutdown).await,
+            Err((failure, stream)) => {
+                if let (HandshakeFailure::NotTls, Some(stream)) = (failure, stream) {
+                    refuse_plaintext(stream).await;
+                }
+                connections.set(connections.get() - 1);
+                return;
+            }
+        },
+    };
     if ended == grpc::server::Ended::GoneAway {
         if let Some(linger) = linger {
             lingering_close(linger).await;
         }
     }
     connections.set(connections.get() - 1);
+}
+
+/// The server side of a TLS handshake, bounded by HTTP2_HANDSHAKE_TIMEOUT, and counted. A
+/// client whose first byte does not open a TLS handshake record gets its socket back
+/// untouched, to be told in HTTP/2 (before rustls answers it with a TLS alert, which an
+/// HTTP/2 client reports as a garbled frame).
+async fn handshake(
+    ctx: &CoreCtx,
+    config: Arc<rustls::ServerConfig>,
+    stream: glommio::net::TcpStream,
+) -> Result<
+    futures_rustls::server::TlsStream<glommio::net::TcpStream>,
+    (HandshakeFailure, Option<glommio::net::TcpStream>),
+> {
+    /// The content type of a TLS record carrying a handshake message (RFC 8446, 5.1).
+    const HANDSHAKE_RECORD: u8 = 0x16;
+    let timeout = ctx.http2_limits.protocol.handshake_timeout;
+    let started = Instant::now();
+    let mut first = [0u8; 1];
+    let peeked = glommio::timer::timeout(timeout, async { Ok(stream.peek(&mut first).await) });
+    let result = match peeked.await {
+        Err(_) => Err((HandshakeFailure::Timeout, None)),
+        Ok(Err(_) | Ok(0)) => Err((HandshakeFailure::Other, None)),
+        Ok(Ok(_)) if first[0] != HANDSHAKE_RECORD => Err((HandshakeFailure::NotTls, Some(stream))),
+        Ok(Ok(_)) => {
+            let accept = futures_rustls::TlsAcceptor::from(config).accept(stream);
+            let left = timeout.saturating_sub(started.elapsed());
+            match glommio::timer::timeout(left, async { Ok(accept.await) }).await {
+                Err(_) => Err((HandshakeFailure::Timeout, None)),
+                Ok(Err(e)) => Err((HandshakeFailure::of(&e), None)),
+                Ok(Ok(stream)) => Ok(stream),
+            }
+        }
+    };
+    ctx.security
+        .count_handshake(result.as_ref().map(|_| ()).map_err(|(f, _)| *f));
+    result
+}
+
+/// Tells a client that spoke plaintext HTTP/2 to a TLS port why it is closed, in its own
+/// protocol: GOAWAY PROTOCOL_ERROR saying so, in place of the SETTINGS a server opens with.
+/// Not SETTINGS first: a connection that opened well and then went away is one gRPC's C core
+/// dials again at once, over and over until the call's deadline; one that opened wrong fails
+/// the call at once (with the GOAWAY's text in h2-based clients' errors).
+async fn refuse_plaintext(mut stream: glommio::net::TcpStream) {
+    use futures_lite::AsyncWriteExt;
+    const WHY: &[u8] = b"this port serves TLS only";
+    let mut frames = Vec::with_capacity(9 + 8 + WHY.len());
+    let len = (8 + WHY.len()) as u32;
+    frames.extend_from_slice(&len.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]); // GOAWAY on stream 0
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1]); // last stream 0, PROTOCOL_ERROR
+    frames.extend_from_slice(WHY);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = stream.write_all(&frames).await;
+    lingering_close(stream).await;
 }
 
 /// How long a closing connection keeps reading what the client sent before it saw GOAWAY.

@@ -14,6 +14,7 @@ use crate::{
     engine::{command::Response, core::CoreEngine},
     ingress::{self, CoreCtx, Forwarder, RateLimiter},
     observability::metrics::CoreMetrics,
+    security::CoreSecurity,
 };
 use executors::{Inbox, Mesh};
 use std::{
@@ -68,6 +69,8 @@ pub struct CoreSetup {
     /// Each core's listener on the shard-aware port (routing/steer.rs); empty when the node
     /// has none.
     pub shard_listeners: PerCore<OwnedFd>,
+    /// TLS and tokens as loaded at start (SIGHUP sends each core the reloaded ones).
+    pub security: crate::security::Material,
 }
 
 /// Summary a core returns when it stops.
@@ -147,7 +150,11 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         reply_bytes: Cell::new(0),
         http2_events: Default::default(),
         connections_shed: Cell::new(0),
+        security: CoreSecurity::new(&setup.security, config.security.cluster.clone()),
     });
+    ctx.coordinator
+        .peers
+        .set_tls(setup.security.tls.as_ref().map(|t| t.client.clone()));
     {
         let ctx = Rc::clone(&ctx);
         router.serve(move |req| ctx.handle_owned(req));
@@ -168,6 +175,23 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
             };
         }
     };
+    let plaintext = match config.plaintext_addr.map(glommio::net::TcpListener::bind) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            let _ = setup.ready.send(Err(format!(
+                "cannot listen on PLAINTEXT_ADDR {}: {e}",
+                config
+                    .plaintext_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            )));
+            return CoreExit {
+                core,
+                connections_left: 0,
+            };
+        }
+    };
     let steered = take(&setup.shard_listeners, core).map(|fd| {
         use std::os::fd::{FromRawFd, IntoRawFd};
         // SAFETY: the descriptor is a listening TCP socket this core now owns alone.
@@ -182,6 +206,7 @@ pub async fn run_core(setup: CoreSetup) -> CoreExit {
         Rc::clone(&ctx),
         listener,
         steered,
+        plaintext,
         setup.shutdown.clone(),
         max_connections,
         config.shutdown_timeout,

@@ -6,6 +6,7 @@
 pub mod core;
 
 use self::core::{per_core, CoreSetup};
+use crate::security::Material;
 use crate::{
     cluster::{ring::Ring, views::cluster_views},
     config::Config,
@@ -14,7 +15,7 @@ use crate::{
 };
 use anyhow::Context as _;
 use executors::{allowed_cores, check_prerequisites, ExecutorOptions, Mesh};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::{
     sync::{atomic::AtomicUsize, Arc},
     time::{Duration, Instant},
@@ -31,11 +32,19 @@ pub fn effective_shards(num_shards: u32, nr_cores: usize) -> u32 {
 }
 
 /// Runs a node until SIGINT or SIGTERM, then drains and returns. A second signal exits at once.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// SIGHUP reloads the TLS files and the tokens (`material` is what start-up loaded).
+pub fn run(config: Config, material: Material) -> anyhow::Result<()> {
     // Registered first, so a signal during start-up already means "shut down" and never kills
-    // the process half-started.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+    // the process half-started (a SIGHUP then is taken as a reload once the node runs).
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing signal handlers")?;
+    if let Some(secret) = &config.security.cluster {
+        crate::cluster::peer::unary::set_member_credential(secret.credential());
+    } else if config.security.tokens_file.is_some() {
+        tracing::warn!(
+            "AUTH_TOKENS_FILE without CLUSTER_SECRET: PeerService stays open to anyone who can reach ADDR"
+        );
+    }
 
     check_prerequisites()?;
     let cpus = allowed_cores(config.cores)?;
@@ -86,6 +95,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             transition: config.transition(),
             metrics_addr: config.metrics_addr,
             memory: config.memory,
+            cluster: config.security.cluster.clone(),
         },
         Cores {
             sharded,
@@ -115,6 +125,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         inboxes: per_core(inboxes),
         views,
         shard_listeners: per_core(shard_listeners),
+        security: material,
     };
     let options = ExecutorOptions {
         spin_before_park: config.spin_before_park,
@@ -153,7 +164,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "distributed-cache listening"
     );
 
-    let first = signals.forever().next();
+    let first = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => reload(&config, &control),
+            other => break other,
+        }
+    };
     tracing::info!(signal = ?first, "shutting down: leaving the cluster, then draining");
     // Peers first stop routing here, then the node drains what is in flight.
     control.leave(Duration::from_secs(2));
@@ -164,7 +180,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("second-signal".into())
         .spawn(move || {
-            if signals.forever().next().is_some() {
+            if signals.forever().any(|signal| signal != SIGHUP) {
                 eprintln!("second signal: exiting at once");
                 std::process::exit(130);
             }
@@ -190,6 +206,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: reads the TLS files and tokens again and gives them to every core. A file that no
+/// longer loads leaves the node as it was, and says why.
+fn reload(config: &Config, control: &ControlPlane) {
+    match Material::load(&config.security) {
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; keeping the certificates and tokens in force")
+        }
+        Ok(material) => {
+            let tokens = material.tokens.as_ref().map_or(0, |t| t.len());
+            let cores = control.install_security(material);
+            tracing::info!(cores, tokens, "certificates and tokens reloaded");
+        }
+    }
 }
 
 #[cfg(test)]

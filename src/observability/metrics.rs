@@ -146,6 +146,9 @@ impl CoreMetrics {
             peer_scores: Vec::new(),
             http2_events: Vec::new(),
             connections_shed: 0,
+            tls_handshakes: 0,
+            tls_handshake_failures: Vec::new(),
+            refused: Vec::new(),
             reply_bytes: 0,
             hints: Default::default(),
         }
@@ -214,6 +217,11 @@ pub struct CoreSnapshot {
     pub http2_events: Vec<(&'static str, u64)>,
     /// Connections turned away over MAX_CONNECTIONS.
     pub connections_shed: u64,
+    /// TLS handshakes completed, and (reason, count) of those that failed.
+    pub tls_handshakes: u64,
+    pub tls_handshake_failures: Vec<(&'static str, u64)>,
+    /// (reason, count) of requests refused for their credentials (security::Refusal).
+    pub refused: Vec<(&'static str, u64)>,
     /// Reply bytes held for clients that have not read them.
     pub reply_bytes: u64,
     pub hints: crate::cluster::hints::HintCounts,
@@ -232,6 +240,8 @@ pub struct NodeSnapshot {
     /// MAX_MEMORY, and CAPACITY (0: none).
     pub memory_budget_bytes: u64,
     pub capacity: u64,
+    /// (reason, count) of gossip datagrams dropped (security::secret::GossipRefusal).
+    pub gossip_refused: Vec<(&'static str, u64)>,
 }
 
 /// Resident set size of this process, from /proc.
@@ -500,6 +510,53 @@ impl Collector for SnapshotCollector {
             "Connections turned away with GOAWAY because the core had its share of \
              MAX_CONNECTIONS.",
             &per_core(&|c| c.connections_shed),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_tls_handshakes",
+            "TLS handshakes completed, by core.",
+            &per_core(&|c| c.tls_handshakes),
+        )?;
+        let by_reason = |pick: &dyn Fn(&CoreSnapshot) -> &Vec<(&'static str, u64)>| {
+            cores
+                .iter()
+                .flat_map(|c| {
+                    pick(c).iter().map(move |(reason, n)| {
+                        (
+                            vec![("core", c.core.to_string()), ("reason", reason.to_string())],
+                            *n,
+                        )
+                    })
+                })
+                .collect::<Vec<(Labels, u64)>>()
+        };
+        counter_family(
+            &mut encoder,
+            "cache_tls_handshake_failures",
+            "TLS handshakes that failed, by core and reason: timeout, not_tls (plaintext to a \
+             TLS port), certificate (refused by either side), other.",
+            &by_reason(&|c| &c.tls_handshake_failures),
+        )?;
+        counter_family(
+            &mut encoder,
+            "cache_requests_refused",
+            "Requests refused for their credentials, by core and reason: unauthenticated (no or \
+             unknown token), permission_denied (a read-only token writing), not_member (a \
+             PeerService call without the cluster's credential).",
+            &by_reason(&|c| &c.refused),
+        )?;
+        let gossip_refused: Vec<(Labels, u64)> = self
+            .0
+            .gossip_refused
+            .iter()
+            .map(|(reason, n)| (vec![("reason", reason.to_string())], *n))
+            .collect();
+        counter_family(
+            &mut encoder,
+            "cache_gossip_refused",
+            "Gossip datagrams dropped under CLUSTER_SECRET, by reason: bad_tag (unsigned, \
+             forged or changed), stale (outside the replay window), replayed.",
+            &gossip_refused,
         )?;
         gauge_family(
             &mut encoder,

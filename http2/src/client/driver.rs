@@ -3,6 +3,7 @@
 //! which share the connection with the task through a `RefCell` rather than a lock.
 
 use super::{Connection, Error, Request, Response};
+use crate::Transport;
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
@@ -75,7 +76,7 @@ impl Client {
 
     /// A client on a connection made elsewhere (from a chosen source port, say).
     pub fn over(
-        io: glommio::net::TcpStream,
+        io: impl Transport,
         recurring: &'static [(&'static [u8], &'static [u8])],
     ) -> Client {
         Self::over_metered(io, recurring, Rc::default())
@@ -83,7 +84,7 @@ impl Client {
 
     /// [`Client::over`], counting the bytes into `meter`.
     pub fn over_metered(
-        io: glommio::net::TcpStream,
+        io: impl Transport,
         recurring: &'static [(&'static [u8], &'static [u8])],
         meter: Rc<Meter>,
     ) -> Client {
@@ -209,8 +210,7 @@ impl Drop for Open<'_> {
 
 /// The driver: moves bytes between the socket and the connection, and wakes the callers
 /// whose streams have news, until the connection ends or its last [`Client`] is dropped.
-async fn drive(shared: std::rc::Weak<Shared>, mut io: glommio::net::TcpStream) {
-    use futures_lite::{AsyncRead, AsyncWrite};
+async fn drive(shared: std::rc::Weak<Shared>, mut io: impl Transport) {
     std::future::poll_fn(|cx| {
         let Some(shared) = shared.upgrade() else {
             return Poll::Ready(());
@@ -235,6 +235,12 @@ async fn drive(shared: std::rc::Weak<Shared>, mut io: glommio::net::TcpStream) {
                         sent.set(sent.get() + n as u64);
                     }
                     Poll::Pending => break,
+                }
+            }
+            // What a layer under us kept (TLS records) leaves now, or wakes us when it can.
+            if conn.output().is_empty() {
+                if let Poll::Ready(Err(_)) = Pin::new(&mut io).poll_flush(cx) {
+                    conn.io_closed("write failed");
                 }
             }
             if conn.failed().is_some() && conn.output().is_empty() {

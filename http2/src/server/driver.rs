@@ -3,7 +3,7 @@
 //! idle timeouts, and output held back a little so that answers on their way leave together.
 
 use super::{Bound, Connection};
-use crate::frame::code;
+use crate::{frame::code, Transport};
 use std::{
     future::Future,
     pin::Pin,
@@ -89,9 +89,9 @@ impl<A: App> Server<A> {
 
 /// Serves one connection until the peer closes it, it fails, or `shutdown` resolves and the
 /// streams under way have been answered.
-pub async fn serve<A: App>(
+pub async fn serve<A: App, T: Transport>(
     server: Server<A>,
-    io: glommio::net::TcpStream,
+    io: T,
     shutdown: Pin<Box<dyn Future<Output = ()>>>,
 ) -> Ended {
     let mut driver = Driver {
@@ -113,9 +113,9 @@ pub async fn serve<A: App>(
     ended
 }
 
-struct Driver<A: App> {
+struct Driver<A: App, T> {
     server: Server<A>,
-    io: glommio::net::TcpStream,
+    io: T,
     shutdown: Option<Pin<Box<dyn Future<Output = ()>>>>,
     /// Bounds the wait of held output; made once, reset for each wait.
     hold: Option<glommio::timer::Timer>,
@@ -127,7 +127,7 @@ struct Driver<A: App> {
     last_activity: Instant,
 }
 
-impl<A: App> Driver<A> {
+impl<A: App, T: Transport> Driver<A, T> {
     /// The handshake and idle timeouts: Some when the connection is to end.
     fn poll_timeout(&mut self, cx: &mut Context<'_>) -> Option<Ended> {
         if Pin::new(&mut self.timeout).poll(cx).is_pending() {
@@ -179,7 +179,6 @@ impl<A: App> Driver<A> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
-        use futures_lite::{AsyncRead, AsyncWrite};
         if let Some(ended) = self.poll_timeout(cx) {
             return Poll::Ready(ended);
         }
@@ -218,6 +217,10 @@ impl<A: App> Driver<A> {
                 }
             }
             if self.server.conn.output().is_empty() {
+                // What a layer under us kept (TLS records) leaves now, or wakes us when it can.
+                if let Poll::Ready(Err(_)) = Pin::new(&mut self.io).poll_flush(cx) {
+                    return Poll::Ready(Ended::Closed);
+                }
                 if let Some(ended) = self.server.finished() {
                     return Poll::Ready(ended);
                 }

@@ -34,10 +34,11 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, ToSocketAddrs},
     rc::{Rc, Weak},
+    sync::Arc,
     time::{Duration, Instant},
 };
 use tonic::Status;
-use unary::{unary, RECURRING};
+use unary::{recurring, unary};
 
 /// The largest answer a peer may send (an entry with its value): peers are trusted to answer
 /// what was asked, this only keeps a broken one from filling memory.
@@ -65,6 +66,9 @@ pub struct PeerClients {
     /// waits replica calls behind its flow-control window nor counts as replica bytes or as a
     /// latency sample of the peer.
     bulk: RefCell<HashMap<String, Client>>,
+    /// Whether peers are dialed with TLS (the node serves TLS), and with what configuration
+    /// (None: no CA to check peers with, so dials fail saying so).
+    tls: RefCell<Option<Option<Arc<rustls::ClientConfig>>>>,
 }
 
 /// This core's connections to one peer.
@@ -151,7 +155,41 @@ impl PeerClients {
             calls: RefCell::default(),
             meter: Rc::default(),
             bulk: RefCell::default(),
+            tls: RefCell::default(),
         })
+    }
+
+    /// Dials peers with TLS from now on (`Some`; its configuration, or None without a CA),
+    /// or in plaintext (`None`). Open connections keep what they had.
+    pub fn set_tls(&self, tls: Option<Option<Arc<rustls::ClientConfig>>>) {
+        *self.tls.borrow_mut() = tls;
+    }
+
+    /// A client over `io`, a connection to `addr`: with TLS when peers speak it, the
+    /// handshake bounded by CONNECT_TIMEOUT.
+    async fn over(
+        &self,
+        addr: &str,
+        io: glommio::net::TcpStream,
+        meter: Rc<Meter>,
+    ) -> Result<Client, Status> {
+        let tls = self.tls.borrow().clone();
+        let Some(config) = tls else {
+            return Ok(Client::over_metered(io, recurring(), meter));
+        };
+        let unavailable = |why: String| Status::unavailable(format!("cannot reach {addr}: {why}"));
+        let config = config.ok_or_else(|| {
+            unavailable(
+                "TLS is on and no TLS_CA_FILE names the CA of the peers' certificates".into(),
+            )
+        })?;
+        let name = crate::security::tls::server_name(addr).map_err(unavailable)?;
+        let dial = futures_rustls::TlsConnector::from(config).connect(name, io);
+        match glommio::timer::timeout(CONNECT_TIMEOUT, async { Ok(dial.await) }).await {
+            Ok(Ok(io)) => Ok(Client::over_metered(io, recurring(), meter)),
+            Ok(Err(e)) => Err(unavailable(format!("TLS handshake failed: {e}"))),
+            Err(_) => Err(unavailable("TLS handshake timed out".into())),
+        }
     }
 
     /// Dials `addr`'s ADDR, counting its bytes on `meter`.
@@ -165,9 +203,12 @@ impl PeerClients {
             let sockaddr = resolve(addr)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-            Client::connect_metered(sockaddr, &RECURRING, meter)
+            let io = glommio::net::TcpStream::connect(sockaddr)
                 .await
-                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))
+                .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+            // Small requests and replies must not wait for Nagle's algorithm.
+            let _ = io.set_nodelay(true);
+            self.over(addr, io, meter).await
         };
         let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
         future::or(dial, async {
@@ -326,7 +367,7 @@ impl PeerClients {
         use std::os::fd::{FromRawFd, IntoRawFd};
         // SAFETY: a connected TCP socket, handed over whole.
         let io = unsafe { glommio::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-        Ok(Client::over_metered(io, &RECURRING, self.meter.clone()))
+        self.over(addr, io, self.meter.clone()).await
     }
 
     /// Drops the peer's connections and layout after a call failed on one of them: the

@@ -5,12 +5,33 @@
 //! make it.
 
 use http2::client::{Client, Error, Request};
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 use tonic::{Code, Status};
 
 /// The fields every call repeats, indexed in the server's HPACK table after the first call.
-pub static RECURRING: [(&[u8], &[u8]); 2] =
+const RECURRING: [(&[u8], &[u8]); 2] =
     [(b"content-type", b"application/grpc"), (b"te", b"trailers")];
+
+/// RECURRING and, once the node has a CLUSTER_SECRET, the members' credential: set once at
+/// start, for the life of the process (the secret is not reloaded).
+static FIELDS: OnceLock<&'static [(&'static [u8], &'static [u8])]> = OnceLock::new();
+
+/// Makes every peer call carry `credential` (`x-cluster-auth`). Call before the first peer
+/// call; later calls change nothing.
+pub fn set_member_credential(credential: &str) {
+    let credential: &'static [u8] = Box::leak(credential.as_bytes().to_vec().into_boxed_slice());
+    let fields = Box::leak(Box::new([
+        RECURRING[0],
+        RECURRING[1],
+        (crate::security::MEMBER_HEADER, credential),
+    ]));
+    let _ = FIELDS.set(fields);
+}
+
+/// The fields every peer call carries.
+pub fn recurring() -> &'static [(&'static [u8], &'static [u8])] {
+    FIELDS.get().copied().unwrap_or(&RECURRING)
+}
 
 /// Calls `path` (`/package.Service/Method`) on the server `client` is connected to, named
 /// `authority`, with `message`; waits at most `timeout`. An answer over `max_reply` bytes is
@@ -36,17 +57,17 @@ where
     let _ = message.encode(&mut body);
     // gRPC allows 8 digits: milliseconds cover 27 hours.
     let grpc_timeout = format!("{}m", timeout.as_millis().clamp(1, 99_999_999));
-    let fields: [(&[u8], &[u8]); 3] = [
-        RECURRING[0],
-        RECURRING[1],
-        (b"grpc-timeout", grpc_timeout.as_bytes()),
-    ];
+    let recurring = recurring();
+    let mut fields: [(&[u8], &[u8]); 4] = [(b"", b""); 4];
+    fields[..recurring.len()].copy_from_slice(recurring);
+    fields[recurring.len()] = (b"grpc-timeout", grpc_timeout.as_bytes());
+    let fields = &fields[..recurring.len() + 1];
     let req = Request {
         method: b"POST",
         scheme: b"http",
         authority: authority.as_bytes(),
         path: path.as_bytes(),
-        fields: &fields,
+        fields,
     };
     let call = client.request(&req, &body, max_reply.saturating_add(5));
     let answer = match glommio::timer::timeout(timeout, async { Ok(call.await) }).await {

@@ -16,6 +16,7 @@
 //! window granted as the control plane consumes them).
 
 use super::{Answer, Call, Method, PREFIX};
+use crate::security::{Need, Shown};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http2::{
@@ -137,6 +138,11 @@ pub trait Service {
     fn node_addr(&self) -> Option<&str> {
         None
     }
+    /// Whether a request that needs `need` may go on, by the credentials in `head`; `shown`
+    /// is what its connection already showed.
+    fn admit(&self, _need: Need, _head: &h2::Head, _shown: &mut Shown) -> Result<(), Status> {
+        Ok(())
+    }
 }
 
 pub type Forwarded = Pin<Box<dyn Future<Output = http::Response<Body>>>>;
@@ -145,7 +151,7 @@ pub type Forwarded = Pin<Box<dyn Future<Output = http::Response<Body>>>>;
 /// streams under way have been answered.
 pub async fn serve<S: Service>(
     svc: S,
-    io: glommio::net::TcpStream,
+    io: impl http2::Transport,
     shutdown: Pin<Box<dyn Future<Output = ()>>>,
 ) -> Ended {
     h2::serve(server(svc), io, shutdown).await
@@ -164,6 +170,7 @@ pub fn server<S: Service>(svc: S) -> h2::Server<Grpc<S>> {
             forwarded: Vec::new(),
             bodies: Vec::new(),
             reported_reply_bytes: 0,
+            shown: Shown::default(),
         },
     }
 }
@@ -231,6 +238,8 @@ pub struct Grpc<S: Service> {
     bodies: Vec<u32>,
     /// What this connection last added to its core's count of held reply bytes.
     reported_reply_bytes: usize,
+    /// The credentials this connection showed that passed.
+    shown: Shown,
 }
 
 /// A future with the stream it answers.
@@ -412,6 +421,19 @@ impl<S: Service> Grpc<S> {
                 "request headers over {} bytes",
                 h2::MAX_HEADER_LIST
             ));
+            return Then::Status {
+                id,
+                status: Box::new(status),
+                refuse: !end,
+            };
+        }
+        let need = match method {
+            Some(Method::Get) => Need::Read,
+            Some(Method::Set | Method::Delete) => Need::Write,
+            Some(Method::ReplicaWrite | Method::ReplicaRead | Method::ReplicaBatch) => Need::Member,
+            None => Need::of_path(head.path()),
+        };
+        if let Err(status) = self.svc.admit(need, head, &mut self.shown) {
             return Then::Status {
                 id,
                 status: Box::new(status),
