@@ -782,11 +782,13 @@ mod tests {
             uptime_secs: 1.5,
             memory_budget_bytes: 1 << 30,
             capacity: 0,
+            gossip_refused: vec![("bad_tag", 2)],
         });
         assert!(
             text.contains("\ncache_memory_budget_bytes 1073741824\n")
                 && text.contains(r#"cache_memory_used_bytes{core="1"} 4096"#)
-                && text.contains(r#"cache_memory_share_bytes{core="1"} 1048576"#),
+                && text.contains(r#"cache_memory_share_bytes{core="1"} 1048576"#)
+                && text.contains(r#"cache_gossip_refused_total{reason="bad_tag"} 2"#),
             "{text}"
         );
         assert!(

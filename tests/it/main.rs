@@ -16,6 +16,7 @@ mod limits;
 mod memory;
 mod metrics;
 mod movement;
+mod security;
 mod shutdown;
 mod smart_client;
 mod steering;

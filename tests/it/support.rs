@@ -42,8 +42,19 @@ where
 pub struct Node {
     pub child: Child,
     pub addr: String,
+    /// How clients reach it when it serves TLS (the CA's PEM) or wants a token.
+    pub access: Access,
     log_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// What a client needs to reach a node that serves TLS or checks tokens.
+#[derive(Clone, Default)]
+pub struct Access {
+    pub ca_pem: Option<String>,
+    /// A client certificate and key (PEM), for a node that requires one.
+    pub identity: Option<(String, String)>,
+    pub token: Option<String>,
 }
 
 impl Node {
@@ -55,6 +66,16 @@ impl Node {
 
     /// As `start`, run under `wrapper` (for example `taskset -c 1`).
     pub async fn start_with(wrapper: Option<&[&str]>, env: &[(&str, &str)]) -> Node {
+        Self::start_full(wrapper, env, Access::default()).await
+    }
+
+    /// As `start`, for a node that serves TLS or checks tokens: readiness is asked of the
+    /// open health service, over TLS when `access` has a CA.
+    pub async fn start_secured(env: &[(&str, &str)], access: Access) -> Node {
+        Self::start_full(None, env, access).await
+    }
+
+    async fn start_full(wrapper: Option<&[&str]>, env: &[(&str, &str)], access: Access) -> Node {
         let addr = env
             .iter()
             .find(|(k, _)| *k == "ADDR")
@@ -83,6 +104,7 @@ impl Node {
         let mut node = Node {
             child,
             addr,
+            access,
             log_path,
             _dir: dir,
         };
@@ -96,7 +118,18 @@ impl Node {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("node exited during start-up with {status}: {}", self.log());
             }
-            if let Ok(mut c) = self.client().await {
+            if self.access.ca_pem.is_some() || self.access.token.is_some() {
+                if let Ok(channel) = self.channel().await {
+                    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                    let serving = health
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .is_ok_and(|r| r.into_inner().status == 1);
+                    if serving {
+                        return;
+                    }
+                }
+            } else if let Ok(mut c) = self.client().await {
                 if c.get(distributed_cache::pb::GetRequest {
                     key: "__ready".into(),
                     ..Default::default()
@@ -124,6 +157,12 @@ impl Node {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// A fresh channel: TLS with the node's CA when it has one (the token, if any, goes on
+    /// each request).
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        tls_channel(&self.addr, &self.access).await
     }
 
     /// A fresh connection (its own HTTP/2 connection, so possibly another core).
@@ -168,6 +207,45 @@ impl Node {
         }
         s
     }
+}
+
+/// A channel to `addr`: plaintext without a CA, else TLS checked against `access`'s CA (the
+/// name checked is the address's host), with its client certificate if it has one.
+pub async fn tls_channel(addr: &str, access: &Access) -> Result<Channel, tonic::transport::Error> {
+    let Some(ca) = &access.ca_pem else {
+        return Channel::from_shared(format!("http://{addr}"))
+            .expect("valid url")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await;
+    };
+    let host = addr.rsplit_once(':').map_or("localhost", |(h, _)| h);
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name(host);
+    if let Some((cert, key)) = &access.identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("valid url")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// `message` with `token` as its bearer token.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .expect("a valid header value"),
+    );
+    req
 }
 
 impl Drop for Node {

@@ -9,7 +9,7 @@ use std::{sync::OnceLock, time::Duration};
 use tonic::{Code, Status};
 
 /// The fields every call repeats, indexed in the server's HPACK table after the first call.
-const RECURRING: [(&[u8], &[u8]); 2] =
+pub const RECURRING: [(&[u8], &[u8]); 2] =
     [(b"content-type", b"application/grpc"), (b"te", b"trailers")];
 
 /// RECURRING and, once the node has a CLUSTER_SECRET, the members' credential: set once at
