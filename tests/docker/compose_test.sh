@@ -3,7 +3,9 @@
 # reachable here, so the runtime base image is made locally (debootstrap a minimal Debian,
 # docker import) and the image is built with `--target runtime-prebuilt` from the binary that
 # `cargo build --release` made (the compiling stage needs a Rust base image, which cannot be
-# pulled here). Cleans up every container, network and image it made, even on failure.
+# pulled here). The cluster runs with TLS for clients and between nodes and a cluster secret
+# (docker-compose.tls.yml; certificates made by `cache-bench certs`). Cleans up every
+# container, network and image it made, even on failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -13,6 +15,7 @@ if ! docker info >/dev/null 2>&1; then
 fi
 COMPOSE=(docker-compose)
 command -v docker-compose >/dev/null 2>&1 || COMPOSE=(docker compose)
+COMPOSE+=(-f docker-compose.yml -f docker-compose.tls.yml)
 
 RUN_ID="dc$$"
 BASE_IMAGE="distributed-cache-test-base:$RUN_ID"
@@ -20,16 +23,18 @@ IMAGE="distributed-cache-test:$RUN_ID"
 PROMETHEUS_IMAGE="distributed-cache-test-prometheus:$RUN_ID"
 PROJECT="dctest$$"
 ROOTFS=$(mktemp -d)
+CERTS_DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PROMETHEUS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-export IMAGE PUBLISH_PORT=$PORT PROMETHEUS_IMAGE PROMETHEUS_PORT
+# The CLI on the host and in the containers reads the CA from CACHE_CA_FILE.
+export IMAGE PUBLISH_PORT=$PORT PROMETHEUS_IMAGE PROMETHEUS_PORT CERTS_DIR CACHE_CA_FILE="$CERTS_DIR/ca.pem"
 CLI=./target/release/distributed-cache
 
 cleanup() {
     set +e
     "${COMPOSE[@]}" -p "$PROJECT" --profile monitoring down -v --remove-orphans >/dev/null 2>&1
     docker rmi -f "$IMAGE" "$PROMETHEUS_IMAGE" "$BASE_IMAGE" >/dev/null 2>&1
-    rm -rf "$ROOTFS"
+    rm -rf "$ROOTFS" "$CERTS_DIR"
 }
 trap cleanup EXIT
 
@@ -76,7 +81,14 @@ rm -f "$NO_URING"
 echo "$out" | grep -q "io_uring" && echo "$out" | grep -q "seccomp" || fail "line does not name io_uring and seccomp: $out"
 echo "   $out"
 
-step "compose: start 3 pinned nodes"
+step "certificates for node1..3 and the host, and a cluster secret"
+[ -x target/release/cache-bench ] || cargo build --release -p bench --bin cache-bench
+./target/release/cache-bench certs --out "$CERTS_DIR" --names node1,node2,node3,localhost,127.0.0.1 >/dev/null
+head -c 32 /dev/urandom | base64 > "$CERTS_DIR/cluster-secret"
+# The image runs as uid 10001: the mounted files must be readable by it (a test directory).
+chmod 755 "$CERTS_DIR" && chmod 644 "$CERTS_DIR"/*
+
+step "compose: start 3 pinned nodes (TLS, cluster secret)"
 "${COMPOSE[@]}" -p "$PROJECT" up -d >/dev/null 2>&1
 for n in node1 node2 node3; do
     poll 60 all_alive "$n" || fail "$n does not see 3 ALIVE members"
@@ -97,8 +109,9 @@ curl -sf "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=cache_members" | 
 step "Set through node 1 (published port $PORT), Get through node 3"
 $CLI set greeting hello --addr "127.0.0.1:$PORT" >/dev/null || fail "set through node1"
 [ "$(in_node node3 get greeting --addr 127.0.0.1:8080)" = hello ] || fail "get through node3"
-grpcurl -plaintext -d '{"key":"foo", "value":"bar"}' "localhost:$PORT" pb.CacheService/Set >/dev/null || fail "grpcurl Set"
-grpcurl -plaintext -d '{"key":"foo"}' "localhost:$PORT" pb.CacheService/Get | grep -q '"bar"' || fail "grpcurl Get"
+grpcurl -cacert "$CACHE_CA_FILE" -d '{"key":"foo", "value":"bar"}' "localhost:$PORT" pb.CacheService/Set >/dev/null || fail "grpcurl Set"
+grpcurl -cacert "$CACHE_CA_FILE" -d '{"key":"foo"}' "localhost:$PORT" pb.CacheService/Get | grep -q '"bar"' || fail "grpcurl Get"
+if grpcurl -plaintext -max-time 5 "localhost:$PORT" list >/dev/null 2>&1; then fail "plaintext served on the TLS port"; fi
 
 step "every node's threads stay inside its cpuset"
 for n in node1 node2 node3; do
