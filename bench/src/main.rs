@@ -2,6 +2,7 @@
 //! comparison. See `cache-bench --help`.
 
 mod baseline;
+mod certs;
 mod compare;
 mod hitratio;
 mod run;
@@ -32,9 +33,30 @@ enum Cmd {
         target: Vec<String>,
         #[command(flatten)]
         load: LoadArgs,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Write every figure and the settings as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Write test certificates for TLS nodes into DIR: ca.pem (a self-signed CA), node.pem
+    /// and node-key.pem (signed by it, naming every --names entry, for serverAuth and
+    /// clientAuth, so members can also use them for mutual TLS), client.pem and
+    /// client-key.pem (clientAuth, CN "client"). For tests and benchmarks only: the CA's key
+    /// is not kept, the keys are as readable as the certificates (a node in a container runs
+    /// as its own user), and nothing expires before the year 4096.
+    ///
+    /// Example: `cache-bench certs --out /tmp/c --names 127.0.0.1,localhost`, then a node
+    /// with TLS_CERT_FILE=/tmp/c/node.pem TLS_KEY_FILE=/tmp/c/node-key.pem, and clients
+    /// with --ca /tmp/c/ca.pem.
+    Certs {
+        /// Directory to write into (made if missing; files there are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// The names the nodes are reached by: each an IP address if it parses as one, else
+        /// a DNS name (e.g. 127.0.0.1,localhost,node1,node2).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
     },
     /// Serve pb.CacheService with plain tonic: `none` (the gRPC ceiling) or `mutex` (sharded Mutex<LruCache>).
     Baseline {
@@ -179,6 +201,36 @@ pub struct LoadArgs {
     client: ClientKind,
 }
 
+/// How `run` reaches nodes that serve TLS and check tokens; both clients use them.
+#[derive(Args, Clone)]
+struct SecurityArgs {
+    /// Bearer token sent on every request (`authorization: Bearer TOKEN`), for nodes started
+    /// with AUTH_TOKENS_FILE; writes need a read-write one.
+    #[arg(long, env = "CACHE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file of the CA that signed the nodes' certificates: connect in TLS. A node's
+    /// certificate must name the host part of its --target (see `cache-bench certs`).
+    #[arg(long, env = "CACHE_CA_FILE", value_name = "PEM_FILE")]
+    ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    /// Reads the CA once, for every connection of every load thread.
+    fn load(&self) -> anyhow::Result<run::Security> {
+        let tls = match &self.ca {
+            None => None,
+            Some(path) => Some(
+                cache_client::tls_config_from_ca_file(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+        };
+        let token = self.token.as_deref().map(str::trim).map(str::to_string);
+        if token.as_deref() == Some("") {
+            anyhow::bail!("--token is empty");
+        }
+        Ok(run::Security { token, tls })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum ClientKind {
     Plain,
@@ -229,6 +281,7 @@ impl LoadArgs {
             rpc_timeout: Duration::from_secs_f64(self.rpc_timeout),
             seed: self.seed,
             smart: self.client == ClientKind::Smart,
+            security: run::Security::default(),
             quiet,
         }
     }
@@ -299,8 +352,14 @@ fn main() {
         .expect("building the tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Cmd::Run { target, load, json } => {
-                let opts = load.to_opts(target.clone(), false);
+            Cmd::Run {
+                target,
+                load,
+                security,
+                json,
+            } => {
+                let mut opts = load.to_opts(target.clone(), false);
+                opts.security = security.load()?;
                 let load_before = stats::loadavg();
                 let rep = run::run(&opts).await?;
                 let load_after = stats::loadavg();
@@ -308,12 +367,22 @@ fn main() {
                 println!("  load average before {load_before}  after {load_after}");
                 if let Some(path) = json {
                     let doc = serde_json::json!({
-                        "settings": { "targets": target, "load": load, "dist": load.dist_name() },
+                        "settings": {
+                            "targets": target, "load": load, "dist": load.dist_name(),
+                            "tls": opts.security.tls.is_some(),
+                            "token": opts.security.token.is_some(),
+                        },
                         "report": rep,
                         "loadavg_before": load_before,
                         "loadavg_after": load_after,
                     });
                     std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+                }
+                anyhow::Ok(())
+            }
+            Cmd::Certs { out, names } => {
+                for path in certs::write(&out, &names)? {
+                    println!("{}", path.display());
                 }
                 anyhow::Ok(())
             }

@@ -1,7 +1,8 @@
 //! The load generator: `connections` HTTP/2 connections spread over the targets, `concurrency`
 //! streams in flight on each, closed loop or open loop at a fixed rate. In open loop each
 //! request's latency counts from when it was due, not when it was sent, so a stall shows
-//! (no coordinated omission).
+//! (no coordinated omission). Against nodes that serve TLS and check tokens, both clients
+//! connect in TLS and send the token on every request (see [`Security`]).
 
 use crate::{
     stats::{report, Recorder, Report},
@@ -25,7 +26,12 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::{mpsc, oneshot};
-use tonic::{body::Body, codegen::http, metadata::MetadataValue, Code};
+use tonic::{
+    body::Body,
+    codegen::http::{self, header::AUTHORIZATION, HeaderValue},
+    metadata::MetadataValue,
+    Code,
+};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {
@@ -46,7 +52,64 @@ pub struct RunOpts {
     pub seed: u64,
     /// Requests through the shard-aware client instead of the plain connections.
     pub smart: bool,
+    pub security: Security,
     pub quiet: bool,
+}
+
+/// TLS and the token, as both clients use them.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Sent as `authorization: Bearer TOKEN` on every request.
+    pub token: Option<String>,
+    /// Connect in TLS with this configuration (its CA read once, shared by every connection).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+// By hand: the token must not show.
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// What the plain client's connections are made with, once per load thread.
+#[derive(Clone)]
+struct Dial {
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// `Bearer TOKEN`, made once; each request clones it (a reference count, no copy).
+    authorization: Option<HeaderValue>,
+}
+
+impl Dial {
+    fn new(security: &Security) -> anyhow::Result<Dial> {
+        let authorization = match &security.token {
+            None => None,
+            Some(token) => {
+                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| anyhow!("the token cannot be sent in a header"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let tls = security.tls.as_ref().map(|c| {
+            let mut c = (**c).clone();
+            // The node serves HTTP/2 only.
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(c))
+        });
+        Ok(Dial { tls, authorization })
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 /// One HTTP/2 connection, handed to tonic's generated client as it is. tonic's `Channel` puts
@@ -54,7 +117,11 @@ pub struct RunOpts {
 /// on two cores shared with the servers under test, those hops between tasks and threads cost
 /// more CPU per request than the servers themselves spend, and the generator set the pace.
 #[derive(Clone)]
-struct Conn(SendRequest<Body>);
+struct Conn {
+    send: SendRequest<Body>,
+    authorization: Option<HeaderValue>,
+    scheme: &'static str,
+}
 
 impl tonic::codegen::Service<http::Request<Body>> for Conn {
     type Response = http::Response<hyper::body::Incoming>;
@@ -62,38 +129,79 @@ impl tonic::codegen::Service<http::Request<Body>> for Conn {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.0.poll_ready(cx)
+        self.send.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        Box::pin(self.0.send_request(req))
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        if let Some(value) = &self.authorization {
+            req.headers_mut().insert(AUTHORIZATION, value.clone());
+        }
+        Box::pin(self.send.send_request(req))
     }
 }
 
 type Client = CacheServiceClient<Conn>;
 
+/// The HTTP/2 handshake over `io`; the current runtime then drives the connection.
+async fn http2<T>(io: T) -> Result<SendRequest<Body>, hyper::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
 /// Connects on the current runtime, which then drives the connection.
-async fn connect(target: &str, timeout: Duration) -> anyhow::Result<Conn> {
+async fn connect(dial: &Dial, target: &str, timeout: Duration) -> anyhow::Result<Conn> {
     let unreachable = |e: &dyn std::fmt::Display| anyhow!("target {target} is unreachable: {e}");
     let handshake = async {
         let tcp = tokio::net::TcpStream::connect(target)
             .await
             .map_err(|e| unreachable(&e))?;
         tcp.set_nodelay(true)?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(conn);
-        anyhow::Ok(Conn(send))
+        let send = match &dial.tls {
+            None => http2(tcp).await.map_err(|e| unreachable(&e))?,
+            Some(tls) => {
+                let stream = tls.connect(server_name(target)?, tcp).await.map_err(|e| {
+                    // A plaintext node answers a ClientHello with an HTTP/2 frame.
+                    let not_tls = matches!(
+                        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+                        Some(rustls::Error::InvalidMessage(
+                            rustls::InvalidMessage::InvalidContentType
+                        ))
+                    );
+                    let hint = if not_tls { " (does it serve TLS?)" } else { "" };
+                    unreachable(&format_args!("TLS handshake: {e}{hint}"))
+                })?;
+                http2(stream).await.map_err(|e| unreachable(&e))?
+            }
+        };
+        anyhow::Ok(Conn {
+            send,
+            authorization: dial.authorization.clone(),
+            scheme: dial.scheme(),
+        })
     };
     tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| unreachable(&format_args!("no answer within {timeout:?}")))?
 }
 
+/// The name a target's certificate must carry: its host part, an IP address or a DNS name.
+fn server_name(target: &str) -> anyhow::Result<rustls::pki_types::ServerName<'static>> {
+    let host = match target.rsplit_once(':') {
+        Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => target,
+    };
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| anyhow!("target {target}: {host:?} cannot name a TLS server ({e})"))
+}
+
 fn client(conn: &Conn, target: &str) -> Client {
-    let origin = format!("http://{target}")
+    let origin = format!("{}://{target}", conn.scheme)
         .parse()
         .expect("a target is validated as host:port");
     CacheServiceClient::with_origin(conn.clone(), origin)
@@ -141,6 +249,7 @@ impl Pool {
             threads: Vec::with_capacity(nr),
         };
         let mut ready = Vec::with_capacity(nr);
+        let dial = Dial::new(&opts.security)?;
         for t in 0..nr {
             let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
             let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
@@ -150,6 +259,7 @@ impl Pool {
                 .collect();
             let timeout = opts.rpc_timeout;
             let smart_seeds = opts.smart.then(|| opts.targets.clone());
+            let (security, dial) = (opts.security.clone(), dial.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("load-{t}"))
                 .spawn(move || {
@@ -166,7 +276,7 @@ impl Pool {
                     rt.block_on(async move {
                         let mut mine = Vec::with_capacity(targets.len());
                         for (i, target) in targets {
-                            match connect(&target, timeout).await {
+                            match connect(&dial, &target, timeout).await {
                                 Ok(conn) => mine.push((i, target, conn)),
                                 Err(e) => {
                                     let _ = ready_tx.send(Err(e));
@@ -180,6 +290,8 @@ impl Pool {
                                 config.timeout = timeout;
                                 // The workers bound what is in flight themselves.
                                 config.max_in_flight = usize::MAX >> 4;
+                                config.token = security.token;
+                                config.tls = security.tls.map(cache_client::Tls::Config);
                                 match cache_client::Client::connect(config).await {
                                     Ok(c) => Some(c),
                                     Err(e) => {
@@ -426,7 +538,7 @@ async fn worker(
                 *rec.errors.entry(code_name(status.code())).or_default() += 1;
                 // Connections are not re-established: a worker whose connection has gone stops
                 // after counting the error rather than failing in a tight loop.
-                if conn.0.is_closed() {
+                if conn.send.is_closed() {
                     break;
                 }
             }
@@ -470,6 +582,9 @@ async fn smart_call(
         cache_client::Error::ResourceExhausted(_) => "ResourceExhausted".into(),
         cache_client::Error::TooManyInFlight { .. } => "TooManyInFlight".into(),
         cache_client::Error::NoTopology(_) => "NoTopology".into(),
+        cache_client::Error::Unauthenticated(_) => "Unauthenticated".into(),
+        cache_client::Error::PermissionDenied(_) => "PermissionDenied".into(),
+        cache_client::Error::Config(_) => "Config".into(),
         cache_client::Error::Status { code, .. } => format!("{:?}", Code::from(code)),
     })
 }

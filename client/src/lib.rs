@@ -30,22 +30,40 @@
 //! the key's next replica. A Set or Delete is retried only when its connection could not be
 //! made, so it was never sent: a write whose outcome is unknown is the caller's to retry, as
 //! sending it again elsewhere could reorder it with a later write.
+//!
+//! Security: against nodes that serve TLS and check tokens, name the CA that signed their
+//! certificates and the token to send (`authorization: Bearer TOKEN` on every request, the
+//! topology's included). A node's certificate must name the host part of its address.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cache_client::Error> {
+//! let config = cache_client::Config::new(["node1.cache:8443"])
+//!     .tls_ca_file("/etc/cache/ca.pem")
+//!     .token("rw-token-0123456789");
+//! let client = cache_client::Client::connect(config).await?;
+//! # Ok(()) }
+//! ```
 
 mod pb {
     tonic::include_proto!("pb");
 }
 mod conn;
 mod route;
+mod tls;
+
+/// The rustls this crate is built with, for callers that make their own [`Tls::Config`].
+pub use rustls;
+pub use tls::{tls_config_from_ca_file, tls_config_from_ca_pem};
 
 use conn::Conn;
 use pb::{cache_service_client::CacheServiceClient, get_response, set_request};
 use route::Router;
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 
 /// How a client starts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Nodes to learn the cluster from (`host:port`, their `ADDR`); one that answers is enough.
     pub seeds: Vec<String>,
@@ -58,6 +76,35 @@ pub struct Config {
     /// Longest wait between attempts to reach a node (connections and the topology stream
     /// back off from 50 ms, doubling up to this).
     pub max_backoff: Duration,
+    /// Sent as `authorization: Bearer TOKEN` on every request (see [`Config::token`]).
+    pub token: Option<String>,
+    /// Connect in TLS (see [`Config::tls_ca_file`]); None: plaintext.
+    pub tls: Option<Tls>,
+}
+
+/// How the client checks the nodes' certificates.
+#[derive(Debug, Clone)]
+pub enum Tls {
+    /// Trust the CA certificates in this PEM file (read when the client connects).
+    CaFile(PathBuf),
+    /// A whole rustls configuration (its roots, a client certificate for mutual TLS...).
+    /// Build it with the ring provider; the client offers ALPN `h2` whatever it says.
+    Config(Arc<rustls::ClientConfig>),
+}
+
+// By hand: the token must not show in logs.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("seeds", &self.seeds)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("timeout", &self.timeout)
+            .field("consistency", &self.consistency)
+            .field("max_backoff", &self.max_backoff)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Config {
@@ -75,7 +122,45 @@ impl Config {
             timeout: Duration::from_secs(5),
             consistency: Consistency::Quorum,
             max_backoff: Duration::from_secs(2),
+            token: None,
+            tls: None,
         }
+    }
+
+    /// Sends `token` as `authorization: Bearer TOKEN` on every request, for nodes started
+    /// with `AUTH_TOKENS_FILE`.
+    ///
+    /// ```
+    /// let c = cache_client::Config::new(["127.0.0.1:50051"]).token("rw-token-0123456789");
+    /// assert!(!format!("{c:?}").contains("rw-token"));
+    /// ```
+    pub fn token(mut self, token: impl Into<String>) -> Config {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects in TLS, trusting the CA certificates in the PEM file at `path`; a node's
+    /// certificate must name the host part of its address (an IP address or a DNS name).
+    ///
+    /// ```
+    /// let c = cache_client::Config::new(["127.0.0.1:8443"]).tls_ca_file("ca.pem");
+    /// ```
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Config {
+        self.tls = Some(Tls::CaFile(path.into()));
+        self
+    }
+
+    /// Connects in TLS with `config` (see [`Tls::Config`]).
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), cache_client::Error> {
+    /// let tls = cache_client::tls_config_from_ca_file("ca.pem".as_ref())?;
+    /// let c = cache_client::Config::new(["127.0.0.1:8443"]).tls_config(tls);
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Config {
+        self.tls = Some(Tls::Config(config));
+        self
     }
 }
 
@@ -228,6 +313,13 @@ pub enum Error {
     TooManyInFlight { limit: usize },
     /// No node could tell the cluster's topology within the deadline.
     NoTopology(String),
+    /// The node wants a token, and the client sent none or one it does not know.
+    Unauthenticated(String),
+    /// The client's token does not allow the request (a read-only token and a write).
+    PermissionDenied(String),
+    /// The client's settings cannot be used: a CA file that cannot be read or holds no
+    /// certificate, a token that cannot be sent in a header.
+    Config(String),
     /// Any other status the node answered.
     Status { code: i32, message: String },
 }
@@ -243,6 +335,9 @@ impl std::fmt::Display for Error {
                 write!(f, "{limit} requests already in flight (max_in_flight)")
             }
             Error::NoTopology(m) => write!(f, "no cluster topology: {m}"),
+            Error::Unauthenticated(m) => write!(f, "unauthenticated: {m}"),
+            Error::PermissionDenied(m) => write!(f, "permission denied: {m}"),
+            Error::Config(m) => write!(f, "{m}"),
             Error::Status { code, message } => write!(f, "status {code}: {message}"),
         }
     }
@@ -258,6 +353,8 @@ impl From<Status> for Error {
             Code::Unavailable => Error::Unavailable(m),
             Code::DeadlineExceeded => Error::DeadlineExceeded(m),
             Code::ResourceExhausted => Error::ResourceExhausted(m),
+            Code::Unauthenticated => Error::Unauthenticated(m),
+            Code::PermissionDenied => Error::PermissionDenied(m),
             code => Error::Status {
                 code: code as i32,
                 message: m,
@@ -284,8 +381,10 @@ pub struct Client {
 
 impl Client {
     /// Learns the cluster from `config.seeds` and starts following it; fails with
-    /// [`Error::NoTopology`] when no seed answers within `config.timeout`. Must be called
-    /// inside a tokio runtime, where the client's background task runs.
+    /// [`Error::NoTopology`] when no seed answers within `config.timeout`
+    /// ([`Error::Unauthenticated`] when one turned the token away, [`Error::Config`] when the
+    /// TLS or token settings cannot be used). Must be called inside a tokio runtime, where the
+    /// client's background task runs.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), cache_client::Error> {

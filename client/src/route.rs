@@ -1,9 +1,10 @@
 //! The client's picture of the cluster and its connections: the topology, followed on one
 //! `WatchTopology` stream (re-opened on another node when it ends); each node's layout,
 //! asked once per node; and one HTTP/2 connection per (node, core), opened on first use from a
-//! source port that the node's shard-aware port steers to that core.
+//! source port that the node's shard-aware port steers to that core. Every connection, the
+//! topology stream's included, is made by the client's one [`Dialer`] (TLS, token).
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Dialer};
 use crate::{pb, Config, Error};
 use std::{
     collections::HashMap,
@@ -68,6 +69,7 @@ pub struct Router {
     /// Nodes a request just failed to reach, until when they are asked last.
     avoid: Mutex<HashMap<String, Instant>>,
     connect_timeout: Duration,
+    dialer: Arc<Dialer>,
 }
 
 /// How long a node that just failed a request is asked after the key's other replicas.
@@ -76,6 +78,7 @@ const AVOID_FOR: Duration = Duration::from_secs(1);
 impl Router {
     /// Follows the topology from `config.seeds`; returns once it is known.
     pub async fn start(config: &Config) -> Result<Arc<Router>, Error> {
+        let dialer = Arc::new(Dialer::new(config)?);
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
         let router = Arc::new(Router {
             topology: rx,
@@ -83,18 +86,35 @@ impl Router {
             nodes: Mutex::default(),
             avoid: Mutex::default(),
             connect_timeout: config.timeout,
+            dialer: Arc::clone(&dialer),
         });
         // The seeds in turn, once, before the caller is told anything: a client whose seeds
         // all refuse fails at once, naming why.
         let mut first = None;
         let mut why = Vec::new();
+        // A seed that turned the client away (its token): what the client says when no seed
+        // answers, as no other seed can be expected to take that token either.
+        let mut refused = None;
         for seed in &config.seeds {
-            match tokio::time::timeout(config.timeout, open_watch(seed, config.timeout)).await {
+            let open = open_watch(&dialer, seed, config.timeout);
+            match tokio::time::timeout(config.timeout, open).await {
                 Ok(Ok(stream)) => {
                     first = Some(stream);
                     break;
                 }
-                Ok(Err(s)) => why.push(s.message().to_string()),
+                // Its message says which node could not be reached, and why.
+                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                    why.push(s.message().to_string())
+                }
+                Ok(Err(s)) => {
+                    why.push(format!("{seed} answered {:?}: {}", s.code(), s.message()));
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    ) {
+                        refused = Some(s.code());
+                    }
+                }
                 Err(_) => why.push(format!(
                     "cannot reach {seed}: no answer within {:?}",
                     config.timeout
@@ -102,11 +122,15 @@ impl Router {
             }
         }
         let Some(first) = first else {
-            return Err(Error::NoTopology(why.join("; ")));
+            return Err(match refused {
+                Some(code) => Error::from(Status::new(code, why.join("; "))),
+                None => Error::NoTopology(why.join("; ")),
+            });
         };
         let mut known = router.topology.clone();
         tokio::spawn(follow(
             Arc::downgrade(&router),
+            dialer,
             config.seeds.clone(),
             config.max_backoff,
             tx,
@@ -190,7 +214,7 @@ impl Router {
         if let Some(c) = open {
             return Ok(c);
         }
-        let c = connect_plain(addr, self.connect_timeout).await?;
+        let c = connect_plain(&self.dialer, addr, self.connect_timeout).await?;
         *lock(&node.plain) = Some(c.clone());
         Ok(c)
     }
@@ -220,7 +244,15 @@ impl Router {
         if let Some(c) = open {
             return Ok(c);
         }
-        let c = connect_to_core(addr, shard_addr, core, layout.cores, self.connect_timeout).await?;
+        let c = connect_to_core(
+            &self.dialer,
+            addr,
+            shard_addr,
+            core,
+            layout.cores,
+            self.connect_timeout,
+        )
+        .await?;
         lock(&node.cores).insert(core, c.clone());
         Ok(c)
     }
@@ -236,12 +268,12 @@ fn unavailable(addr: &str, e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("cannot reach {addr}: {e}"))
 }
 
-async fn connect_plain(addr: &str, timeout: Duration) -> Result<Conn, Status> {
+async fn connect_plain(dialer: &Dialer, addr: &str, timeout: Duration) -> Result<Conn, Status> {
     let dial = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| unavailable(addr, e))?;
-        Conn::handshake(tcp, addr).await
+        dialer.handshake(tcp, addr).await
     };
     tokio::time::timeout(timeout, dial)
         .await
@@ -250,10 +282,11 @@ async fn connect_plain(addr: &str, timeout: Duration) -> Result<Conn, Status> {
 
 /// A WatchTopology stream from the node at `addr`.
 async fn open_watch(
+    dialer: &Dialer,
     addr: &str,
     timeout: Duration,
 ) -> Result<tonic::Streaming<pb::TopologyReply>, Status> {
-    let conn = connect_plain(addr, timeout).await?;
+    let conn = connect_plain(dialer, addr, timeout).await?;
     Ok(conn
         .node()
         .watch_topology(pb::TopologyRequest {})
@@ -287,6 +320,7 @@ async fn ask_layout(addr: &str, plain: Conn) -> Result<Layout, Status> {
 
 /// A connection to `shard_addr` from a source port its node steers to `core`.
 async fn connect_to_core(
+    dialer: &Dialer,
     addr: &str,
     shard_addr: SocketAddr,
     core: u32,
@@ -297,8 +331,10 @@ async fn connect_to_core(
         let tcp = dial_from_core_port(shard_addr, core, cores)
             .await
             .map_err(|e| unavailable(addr, format_args!("{e} (core {core})")))?;
-        // The authority names the node (its ADDR), as a request to ADDR would.
-        Conn::handshake(tcp, addr).await
+        // The authority names the node (its ADDR), as a request to ADDR would; so does the
+        // name its certificate is checked for (the shard-aware port is the same node, and
+        // `shard_addr` is only what ADDR resolved to).
+        dialer.handshake(tcp, addr).await
     };
     tokio::time::timeout(timeout, dial)
         .await
@@ -363,6 +399,7 @@ async fn dial_from_core_port(
 /// the last topology are tried in turn, backing off while none answers. Ends with the client.
 async fn follow(
     router: std::sync::Weak<Router>,
+    dialer: Arc<Dialer>,
     seeds: Vec<String>,
     max_backoff: Duration,
     tx: watch::Sender<Arc<Topology>>,
@@ -386,7 +423,9 @@ async fn follow(
                 }
                 turn = turn.wrapping_add(1);
                 let addr = candidates[turn % candidates.len().max(1)].clone();
-                open_watch(&addr, Duration::from_secs(1)).await.ok()
+                open_watch(&dialer, &addr, Duration::from_secs(1))
+                    .await
+                    .ok()
             }
         };
         if let Some(mut stream) = opened {
