@@ -54,11 +54,21 @@ load() { # server method h2load-args...
 }
 rps() { awk '/^finished in/ { for (i=1;i<=NF;i++) if ($i ~ /req\/s/) { v=$(i-1); gsub(",","",v); print v } }'; }
 fails() { awk '/^requests:/ { print $8, $9, $10, $11 }'; }
+# CPU time of a process and its threads, user and system, in clock ticks.
+cpu() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+tick=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
     for m in get set; do
         for s in plain tls; do
+            read -r u0 s0 < <(cpu "${pid[$s]}")
             out=$(load "$s" "$m" -c 16 -m 16 --warm-up-time=1 -D "$DURATION")
-            echo "round $round $m $s req/s $(echo "$out" | rps) ($(echo "$out" | fails))"
+            read -r u1 s1 < <(cpu "${pid[$s]}")
+            r=$(echo "$out" | rps)
+            # The node's CPU per request over warm-up and measurement (h2load counts only the
+            # latter): h2load's one thread, with its own TLS, may be what bounds the rate.
+            per=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$tick" -v r="$r" -v d="$DURATION" \
+                'BEGIN { printf "node cpu us/req %.2f", (u + s) / t * 1e6 / (r * (d + 1)) }')
+            echo "round $round $m $s req/s $r ($(echo "$out" | fails)) $per"
         done
     done
 done
