@@ -3,7 +3,8 @@
 use crate::support::Node;
 use std::process::Command;
 
-fn grpcurl(args: &[&str]) -> (bool, String) {
+/// Runs grpcurl: (it succeeded, its stdout and stderr).
+pub fn grpcurl(args: &[&str]) -> (bool, String) {
     let out = Command::new("grpcurl")
         .args(args)
         .output()

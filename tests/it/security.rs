@@ -4,6 +4,7 @@
 //! under load; and bad files at start.
 
 use crate::{
+    grpcurl::grpcurl,
     metrics::{scrape, sum},
     support::{
         free_port, run_expecting_failure, tls_channel, wait_until, with_token, Access, Node,
@@ -19,7 +20,6 @@ use rcgen::{
 };
 use std::{
     path::PathBuf,
-    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -127,16 +127,6 @@ fn get(key: &str) -> GetRequest {
     }
 }
 
-fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl is installed (.ci/run installs it)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
 /// The whole chain of a transport error (tonic's Display says only "transport error").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -146,6 +136,18 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A Get of "k" on a new connection made with `access`: the error, connecting or calling.
+async fn try_get(addr: &str, access: &Access) -> Result<(), String> {
+    match tls_channel(addr, access).await {
+        Ok(channel) => CacheServiceClient::new(channel)
+            .get(get("k"))
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{s:?}")),
+        Err(e) => Err(chain(&e)),
+    }
 }
 
 #[tokio::test]
@@ -190,14 +192,7 @@ async fn tls_serves_tonic_and_grpcurl_and_refuses_a_wrong_ca_and_plaintext() {
         ca_pem: Some(other.pem()),
         ..Access::default()
     };
-    let refused = match tls_channel(&node.addr, &wrong).await {
-        Ok(channel) => CacheServiceClient::new(channel)
-            .get(get("k"))
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("{s:?}")),
-        Err(e) => Err(chain(&e)),
-    };
+    let refused = try_get(&node.addr, &wrong).await;
     let why = refused.expect_err("a certificate from an unknown CA must be refused");
     assert!(
         why.contains("UnknownIssuer") || why.contains("certificate"),
@@ -278,14 +273,7 @@ async fn client_certificates_are_required_and_an_expired_one_refused() {
         .expect("Set with a client certificate");
 
     for (what, id) in [("no", None), ("an expired", Some(&expired))] {
-        let outcome = match tls_channel(&node.addr, &access(id)).await {
-            Ok(channel) => CacheServiceClient::new(channel)
-                .get(get("k"))
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{s:?}")),
-            Err(e) => Err(chain(&e)),
-        };
+        let outcome = try_get(&node.addr, &access(id)).await;
         assert!(outcome.is_err(), "{what} client certificate was accepted");
     }
 }
