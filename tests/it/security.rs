@@ -278,6 +278,52 @@ async fn client_certificates_are_required_and_an_expired_one_refused() {
     }
 }
 
+/// A node whose own certificate has expired still starts (rustls does not check the
+/// certificate it serves), and every client refuses it, saying why.
+#[tokio::test]
+async fn a_node_serving_an_expired_certificate_is_refused() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let leaf = pki.leaf(&ca, "node", &["127.0.0.1"], true);
+    let addr = format!("127.0.0.1:{}", free_port());
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _node = Reaped(
+        std::process::Command::new(crate::support::BIN)
+            .env("ADDR", &addr)
+            .env("TLS_CERT_FILE", &leaf.cert_path)
+            .env("TLS_KEY_FILE", &leaf.key_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning distributed-cache"),
+    );
+    let access = Access {
+        ca_pem: Some(ca.pem()),
+        ..Access::default()
+    };
+    // Until the node listens the error is a refused connection; then it must name the expiry.
+    wait_until(
+        Duration::from_secs(20),
+        "a refusal naming the expiry",
+        || {
+            let (addr, access) = (addr.clone(), access.clone());
+            async move {
+                try_get(&addr, &access)
+                    .await
+                    .err()
+                    .is_some_and(|why| why.to_lowercase().contains("expired"))
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn tokens_decide_who_reads_and_who_writes() {
     let pki = Pki::new();
