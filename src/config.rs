@@ -288,7 +288,7 @@ fn security_settings(
                 .ok_or_else(|| invalid("PLAINTEXT_ADDR", value, "resolves to no IPv4 address"))?;
             if addr == listen_addr {
                 return Err(invalid(
-                    PLAINTEXT_ADDR,
+                    "PLAINTEXT_ADDR",
                     value,
                     "is the address TLS is served on",
                 ));
@@ -328,8 +328,6 @@ fn security_settings(
         plaintext_addr,
     ))
 }
-
-const PLAINTEXT_ADDR: &str = "PLAINTEXT_ADDR";
 
 fn default_max_connections() -> u64 {
     let mut limit = libc::rlimit {

@@ -243,24 +243,28 @@ fn snapshot(ctx: &CoreCtx) -> CoreSnapshot {
     snapshot.skipped_down = coordinator.skipped_down.get();
     snapshot.peer_scores = coordinator.peers.latency_scores(coordinator.speculative);
     snapshot.hints = coordinator.hints.counts();
-    snapshot.http2_events = Event::ALL
-        .iter()
-        .zip(&ctx.http2_events)
-        .map(|(e, n)| (e.name(), n.get()))
-        .collect();
+    snapshot.http2_events = named_counts(&Event::ALL, Event::name, &ctx.http2_events);
     snapshot.connections_shed = ctx.connections_shed.get();
     let security = &ctx.security;
     snapshot.tls_handshakes = security.handshakes.get();
-    snapshot.tls_handshake_failures = HandshakeFailure::ALL
-        .iter()
-        .zip(&security.handshake_failures)
-        .map(|(f, n)| (f.name(), n.get()))
-        .collect();
-    snapshot.refused = Refusal::ALL
-        .iter()
-        .zip(&security.refused)
-        .map(|(r, n)| (r.name(), n.get()))
-        .collect();
+    snapshot.tls_handshake_failures = named_counts(
+        &HandshakeFailure::ALL,
+        HandshakeFailure::name,
+        &security.handshake_failures,
+    );
+    snapshot.refused = named_counts(&Refusal::ALL, Refusal::name, &security.refused);
     snapshot.reply_bytes = ctx.reply_bytes.get() as u64;
     snapshot
+}
+
+/// (name, count) of counters kept in the order of `all`.
+fn named_counts<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    counts: &[std::cell::Cell<u64>],
+) -> Vec<(&'static str, u64)> {
+    all.iter()
+        .zip(counts)
+        .map(|(&what, n)| (name(what), n.get()))
+        .collect()
 }
