@@ -47,7 +47,7 @@ fn serve() {
         }
     };
     observability::init_logging(config.log_format);
-    distributed_cache::engine::slab::fix_malloc_mmap_threshold();
+    distributed_cache::engine::log::fix_malloc_mmap_threshold();
     if let Err(e) = node::run(config, material) {
         eprintln!("distributed-cache: {e:#}");
         std::process::exit(1);

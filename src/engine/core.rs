@@ -5,10 +5,11 @@
 use super::{
     budget::{divide, Demand, Memory},
     command::{Command, ReplicaEntry, Reply, Request, Response},
-    entry::{entry_len, FLAG_BINARY},
+    entry::FLAG_BINARY,
     hlc::{wall_us, Hlc, Version},
+    log::Cursor,
     shard::{
-        charge, expiry_tick, expiry_tick_ms, remaining_ms, Limits, Shard, ShardStats, Tick,
+        expiry_tick, expiry_tick_ms, footprint, remaining_ms, Limits, Shard, ShardStats, Tick,
         SHARD_FIXED_BYTES, TICKS_PER_SEC,
     },
 };
@@ -116,7 +117,7 @@ impl CoreEngine {
                         .max_entries
                         .map_or(usize::MAX, |n| shard_capacity(n, num_shards, s).max(1)),
                 };
-                Shard::with(memory.policy, limits)
+                Shard::with_room(memory.policy, limits, memory.max_bytes as usize)
             })
             .collect();
         let seen = vec![(0, 0); shards.len()];
@@ -302,7 +303,7 @@ impl CoreEngine {
     /// share is stored (everything else in the shard goes first) and the next rebalance takes
     /// the difference from the other shards and cores.
     fn fits(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
-        let need = charge(entry_len(key.len(), value.len())) as u64;
+        let need = footprint(key.len(), value.len()) as u64;
         if need > self.largest_entry {
             return Err(Error::TooLarge {
                 bytes: need,
@@ -389,8 +390,8 @@ impl CoreEngine {
     pub async fn list(&self, buckets: &BucketSet) -> Vec<KeyVersion> {
         let tick = self.tick(Instant::now());
         let mut out = Vec::new();
-        self.scan_yielding(|shard, range| {
-            self.shards.borrow()[shard].for_each_in_slots(range, buckets, tick, |e| {
+        self.scan_yielding(|shard, cursor| {
+            self.shards.borrow()[shard].scan(cursor, SCAN_CHUNK, buckets, tick, |e| {
                 out.push(KeyVersion {
                     key: e.key().to_vec(),
                     version: e.version(),
@@ -402,22 +403,16 @@ impl CoreEngine {
         out
     }
 
-    /// Runs `f` over every local shard's slots, SCAN_CHUNK_SLOTS at a time, yielding to the
-    /// core's other tasks between chunks: a scan of a large shard takes tens of milliseconds
-    /// (a random memory access per entry), and requests must not wait for all of it. The
-    /// shards are not borrowed across a yield, so writes land meanwhile; anti-entropy's next
-    /// round sees what a scan missed.
-    async fn scan_yielding(&self, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+    /// Runs `f` over every local shard's entries, SCAN_CHUNK at a time, yielding to the core's
+    /// other tasks between chunks: a scan of a large shard takes tens of milliseconds (a
+    /// random memory access per entry), and requests must not wait for all of it. The shards
+    /// are not borrowed across a yield, so writes land meanwhile; the cursor sees every entry
+    /// that stays live through the scan, and anti-entropy's next round what a scan missed.
+    async fn scan_yielding(&self, mut f: impl FnMut(usize, &mut Cursor)) {
         for shard in 0..self.nr_local_shards() {
-            let mut start = 0;
-            loop {
-                let len = self.shards.borrow()[shard].slot_count();
-                if start >= len {
-                    break;
-                }
-                let end = (start + SCAN_CHUNK_SLOTS).min(len);
-                f(shard, start..end);
-                start = end;
+            let mut cursor = Cursor::default();
+            while !cursor.is_done() {
+                f(shard, &mut cursor);
                 futures_lite::future::yield_now().await;
             }
         }
@@ -465,8 +460,9 @@ impl CoreEngine {
     /// Removes every entry in `buckets`. Returns how many.
     pub async fn drop_buckets(&self, buckets: &BucketSet) -> usize {
         let mut dropped = 0;
-        self.scan_yielding(|shard, range| {
-            dropped += self.shards.borrow_mut()[shard].drop_buckets_in_slots(range, buckets);
+        self.scan_yielding(|shard, cursor| {
+            dropped +=
+                self.shards.borrow_mut()[shard].drop_buckets_from(cursor, SCAN_CHUNK, buckets);
         })
         .await;
         dropped
@@ -482,7 +478,7 @@ impl CoreEngine {
 }
 
 /// Slots an anti-entropy scan visits before it yields (about a millisecond of work).
-const SCAN_CHUNK_SLOTS: usize = 16_384;
+const SCAN_CHUNK: usize = 16_384;
 
 /// How often each core runs an active-expiry round.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -547,7 +543,7 @@ mod tests {
     #[test]
     fn scans_yield_between_chunks_and_miss_nothing() {
         let engine = CoreEngine::new(0, 1, 1, cap(100_000), 7, Instant::now());
-        let n = SCAN_CHUNK_SLOTS * 2 + 100;
+        let n = SCAN_CHUNK * 2 + 100;
         let entries = (0..n)
             .map(|i| {
                 let key = format!("key-{i}").into_bytes();

@@ -1,33 +1,70 @@
-//! One cache entry in one allocation: header, key and value together, as memcached's items
-//! are, in a cell of its shard's [`Slab`] (malloc'd when larger than a cell). Runs on the owning
-//! core only.
-//!
-//! Layout (byte-packed, read unaligned):
+//! How one cache entry is laid out in its shard's log (see [`super::log`]): header, key and
+//! value back to back, with no per-entry pointer, cell rounding or allocator header.
 //!
 //! ```text
-//! hlc u64 | node u32 | expires_at u32 | flags u8 | key_len varint | value_len varint | key | value
+//! flags u8 [| node u8 [| node u32]] | hlc i32 delta or u64 | [expires_at u32] | key_len varint
+//!          | value_len varint | key | value (or, for a large entry, the address of its block)
 //! ```
 //!
-//! Why so tight: a 16-byte key and 100-byte value make 135 bytes, a 144-byte cell; ten more
-//! header bytes would push it to 160. Separately allocated key and value (two `Vec`s) would cost
-//! two allocations and 48 bytes of pointers per entry.
+//! Why so short: with a 16-byte key and 100-byte value the header is 7 bytes, where the
+//! payload is 116 and the issue's budget for everything per entry is 145. The flags byte says
+//! which optional fields are there:
+//! - the version's node is the one its segment's first entry named (no byte), or an index into
+//!   the shard's table of node ids (a shard sees a handful of coordinators), or
+//!   [`NODE_INLINE`] and the id itself;
+//! - the version's HLC is a 32-bit signed offset from the hlc its segment started with (the
+//!   entries of a segment are written within milliseconds of each other, a ±0.5 s window at 12
+//!   logical bits), or all 8 bytes when it does not fit ([`WIDE`]);
+//! - the expiry tick is there only for an entry with a TTL;
+//! - key and value over [`MAX_INLINE_PAYLOAD`] bytes keep the value in a block of its own (a
+//!   large entry, told by its lengths alone, so it stays large when moved), and its stub in
+//!   the log holds the block's address: one large value never leaves a segment mostly empty.
+//!
+//! The flags byte also holds what the shard keeps per entry for eviction (a 2-bit access
+//! count) and a dead mark for a copy that was deleted, overwritten elsewhere or moved, which
+//! stays in its segment until the segment is reclaimed.
 
-use super::{hlc::Version, slab::Slab};
-use std::{alloc::Layout, ptr::NonNull};
+use super::hlc::Version;
+use std::marker::PhantomData;
 
-const FIXED: usize = 8 + 4 + 4 + 1;
 /// Value holds bytes that were set as `value_bytes` (not a UTF-8 string).
 pub const FLAG_BINARY: u8 = 1;
 /// A replicated delete: no value, kept until its TTL so a stale replica cannot resurrect the
 /// key, invisible to client reads.
 pub const FLAG_TOMBSTONE: u8 = 2;
+/// The flags callers set and read; the other bits are the store's own.
+pub const USER_FLAGS: u8 = FLAG_BINARY | FLAG_TOMBSTONE;
 
-/// An owned entry. Thin (8 bytes) so the slot array stays compact. It has no `Drop`: its memory
-/// belongs to the shard's slab, so the shard frees it with [`Entry::free`].
-pub struct Entry(NonNull<u8>);
+/// Access count (S3-FIFO's 0..=3, CLOCK's 0..=1).
+pub const FREQ_SHIFT: u32 = 2;
+pub const FREQ_MASK: u8 = 0b11 << FREQ_SHIFT;
+/// This copy is no longer the key's entry.
+pub const DEAD: u8 = 0x10;
+const EXPIRES: u8 = 0x20;
+/// The node byte is there (else the version's node is the segment's).
+const NODE: u8 = 0x40;
+const WIDE: u8 = 0x80;
 
-// SAFETY: an Entry exclusively owns its allocation, like a Box<[u8]>.
-unsafe impl Send for Entry {}
+/// Node byte meaning "the node id follows in 4 bytes": the shard's table is full.
+pub const NODE_INLINE: u8 = u8::MAX;
+/// Node ids a shard's table holds.
+pub const MAX_NODES: usize = NODE_INLINE as usize;
+
+/// Most bytes of key and value kept whole in the log; a longer entry keeps its value in its
+/// own block.
+pub const MAX_INLINE_PAYLOAD: usize = 4000;
+
+/// What a segment's entries are written against: its first entry's HLC and node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Base {
+    pub hlc: u64,
+    pub node: u32,
+}
+
+#[inline]
+fn is_large(key_len: usize, value_len: usize) -> bool {
+    key_len + value_len > MAX_INLINE_PAYLOAD
+}
 
 fn varint_len(mut n: usize) -> usize {
     let mut len = 1;
@@ -38,25 +75,30 @@ fn varint_len(mut n: usize) -> usize {
     len
 }
 
-fn put_varint(buf: &mut [u8], mut n: usize) -> usize {
+/// # Safety
+/// `p` must have room for `varint_len(n)` bytes.
+unsafe fn put_varint(p: *mut u8, mut n: usize) -> usize {
     let mut i = 0;
     while n >= 0x80 {
-        buf[i] = (n as u8) | 0x80;
+        *p.add(i) = (n as u8) | 0x80;
         n >>= 7;
         i += 1;
     }
-    buf[i] = n as u8;
+    *p.add(i) = n as u8;
     i + 1
 }
 
-/// Reads a varint from raw memory; returns (value, bytes read).
-///
 /// # Safety
-/// `p` must point at a varint written by `put_varint` inside a live entry.
+/// `p` must point at a varint written by `put_varint`.
+#[inline]
 unsafe fn get_varint(p: *const u8) -> (usize, usize) {
-    let mut n = 0usize;
-    let mut shift = 0;
-    let mut i = 0;
+    let b = *p;
+    if b < 0x80 {
+        return (b as usize, 1);
+    }
+    let mut n = (b & 0x7f) as usize;
+    let mut shift = 7;
+    let mut i = 1;
     loop {
         let b = *p.add(i);
         n |= ((b & 0x7f) as usize) << shift;
@@ -68,150 +110,331 @@ unsafe fn get_varint(p: *const u8) -> (usize, usize) {
     }
 }
 
-/// Bytes an entry with this key and value occupies (before malloc rounding).
-pub fn entry_len(key_len: usize, value_len: usize) -> usize {
-    FIXED + varint_len(key_len) + varint_len(value_len) + key_len + value_len
+/// How an entry will be written: which optional fields it has and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    flags: u8,
+    node: u8,
+    large: bool,
+    len: usize,
 }
 
-impl Entry {
+impl Shape {
+    /// The shape of an entry in a segment written against `base`, with `node` the index of
+    /// the version's node in the shard's table (`NODE_INLINE`: not in it).
     pub fn new(
-        slab: &mut Slab,
-        key: &[u8],
-        value: &[u8],
+        key_len: usize,
+        value_len: usize,
         version: Version,
+        base: Base,
+        node: u8,
         expires_at: u32,
-        flags: u8,
-    ) -> Entry {
-        let len = entry_len(key.len(), value.len());
-        let ptr = match slab.alloc(len) {
-            Some(ptr) => ptr,
-            None => {
-                let layout = Layout::from_size_align(len, 1).expect("entry length fits in isize");
-                // SAFETY: layout has non-zero size (FIXED > 0).
-                let ptr = unsafe { std::alloc::alloc(layout) };
-                let Some(ptr) = NonNull::new(ptr) else {
-                    std::alloc::handle_alloc_error(layout)
-                };
-                ptr
-            }
-        };
-        // SAFETY: the allocation is `len` bytes and we write exactly `len` bytes into it.
-        let buf = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) };
-        buf[0..8].copy_from_slice(&version.hlc.to_le_bytes());
-        buf[8..12].copy_from_slice(&version.node.to_le_bytes());
-        buf[12..16].copy_from_slice(&expires_at.to_le_bytes());
-        buf[16] = flags;
-        let mut at = FIXED;
-        at += put_varint(&mut buf[at..], key.len());
-        at += put_varint(&mut buf[at..], value.len());
-        buf[at..at + key.len()].copy_from_slice(key);
-        at += key.len();
-        buf[at..at + value.len()].copy_from_slice(value);
-        Entry(ptr)
+    ) -> Shape {
+        let mut flags = 0;
+        let mut len = 1 + key_len + varint_len(key_len) + varint_len(value_len);
+        if version.node != base.node {
+            flags |= NODE;
+            len += if node == NODE_INLINE { 5 } else { 1 };
+        }
+        if delta(version.hlc, base.hlc).is_some() {
+            len += 4;
+        } else {
+            flags |= WIDE;
+            len += 8;
+        }
+        if expires_at != 0 {
+            flags |= EXPIRES;
+            len += 4;
+        }
+        if is_large(key_len, value_len) {
+            len += 8;
+        } else {
+            len += value_len;
+        }
+        Shape {
+            flags,
+            node,
+            large: is_large(key_len, value_len),
+            len,
+        }
     }
 
-    /// (offset of key, key length, value length)
+    /// Bytes in the log.
+    pub fn log_len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_large(&self) -> bool {
+        self.large
+    }
+}
+
+#[inline]
+fn delta(hlc: u64, base: u64) -> Option<i32> {
+    i32::try_from(hlc.wrapping_sub(base) as i64).ok()
+}
+
+/// What to write.
+pub struct Fields<'a> {
+    pub key: &'a [u8],
+    /// The value, or for a large entry (`Shape::is_large`) the 8 bytes of its block's address.
+    pub value: &'a [u8],
+    pub value_len: usize,
+    pub version: Version,
+    pub expires_at: u32,
+    /// `USER_FLAGS` bits, and the access count.
+    pub flags: u8,
+}
+
+/// Writes an entry of `shape` at `p`.
+///
+/// # Safety
+/// `p` must have room for `shape.log_len()` bytes; `shape` was made for these fields and `base`.
+pub unsafe fn write(p: *mut u8, shape: &Shape, f: &Fields, base: Base) {
+    *p = shape.flags | (f.flags & (USER_FLAGS | FREQ_MASK));
+    let mut at = 1;
+    if shape.flags & NODE != 0 {
+        *p.add(1) = shape.node;
+        at += 1;
+        if shape.node == NODE_INLINE {
+            p.add(at)
+                .cast::<u32>()
+                .write_unaligned(f.version.node.to_le());
+            at += 4;
+        }
+    }
+    if shape.flags & WIDE != 0 {
+        p.add(at)
+            .cast::<u64>()
+            .write_unaligned(f.version.hlc.to_le());
+        at += 8;
+    } else {
+        let d = delta(f.version.hlc, base.hlc).expect("shape checked the delta");
+        p.add(at).cast::<i32>().write_unaligned(d.to_le());
+        at += 4;
+    }
+    if shape.flags & EXPIRES != 0 {
+        p.add(at)
+            .cast::<u32>()
+            .write_unaligned(f.expires_at.to_le());
+        at += 4;
+    }
+    at += put_varint(p.add(at), f.key.len());
+    at += put_varint(p.add(at), f.value_len);
+    std::ptr::copy_nonoverlapping(f.key.as_ptr(), p.add(at), f.key.len());
+    at += f.key.len();
+    std::ptr::copy_nonoverlapping(f.value.as_ptr(), p.add(at), f.value.len());
+    debug_assert_eq!(at + f.value.len(), shape.len);
+}
+
+/// Where the parts of an entry are, read off its header.
+#[derive(Clone, Copy)]
+struct Parts {
+    /// Offset of the HLC field.
+    hlc_at: u8,
+    expires_at: u32,
+    key_at: u8,
+    key_len: u32,
+    value_len: usize,
+}
+
+/// # Safety
+/// `p` must point at an entry written by [`write`].
+#[inline]
+unsafe fn parts(p: *const u8) -> Parts {
+    let flags = *p;
+    let mut at = 1;
+    if flags & NODE != 0 {
+        at += if *p.add(1) == NODE_INLINE { 5 } else { 1 };
+    }
+    let hlc_at = at;
+    at += if flags & WIDE != 0 { 8 } else { 4 };
+    let mut expires_at = 0;
+    if flags & EXPIRES != 0 {
+        expires_at = u32::from_le(p.add(at).cast::<u32>().read_unaligned());
+        at += 4;
+    }
+    let (key_len, a) = get_varint(p.add(at));
+    let (value_len, b) = get_varint(p.add(at + a));
+    Parts {
+        hlc_at: hlc_at as u8,
+        expires_at,
+        key_at: (at + a + b) as u8,
+        key_len: key_len as u32,
+        value_len,
+    }
+}
+
+/// The key of the entry at `p`.
+///
+/// # Safety
+/// `p` must point at a live entry that outlives `'a`.
+#[inline]
+pub unsafe fn key_at<'a>(p: *const u8) -> &'a [u8] {
+    let parts = parts(p);
+    std::slice::from_raw_parts(p.add(parts.key_at as usize), parts.key_len as usize)
+}
+
+/// Bytes the entry at `p` takes in the log.
+///
+/// # Safety
+/// `p` must point at an entry written by [`write`].
+#[inline]
+pub unsafe fn len_at(p: *const u8) -> usize {
+    let parts = parts(p);
+    let value = if is_large(parts.key_len as usize, parts.value_len) {
+        8
+    } else {
+        parts.value_len
+    };
+    parts.key_at as usize + parts.key_len as usize + value
+}
+
+/// The flags byte of the entry at `p`.
+///
+/// # Safety
+/// `p` must point at an entry written by [`write`].
+#[inline]
+pub unsafe fn flags_at<'a>(p: *mut u8) -> &'a mut u8 {
+    &mut *p
+}
+
+/// A view of one entry in its shard's log, valid while the shard is not changed.
+#[derive(Clone, Copy)]
+pub struct EntryRef<'a> {
+    p: *const u8,
+    parts: Parts,
+    base: Base,
+    nodes: &'a [u32],
+    _log: PhantomData<&'a [u8]>,
+}
+
+impl<'a> EntryRef<'a> {
+    /// # Safety
+    /// `p` must point at an entry written by [`write`] with `base`, alive for `'a`; `nodes`
+    /// is the table its node byte indexes.
     #[inline]
-    fn lens(&self) -> (usize, usize, usize) {
-        // SAFETY: the varints follow the fixed header of a live entry.
-        unsafe {
-            let p = self.0.as_ptr().add(FIXED);
-            let (key_len, a) = get_varint(p);
-            let (value_len, b) = get_varint(p.add(a));
-            (FIXED + a + b, key_len, value_len)
+    pub unsafe fn new(p: *const u8, base: Base, nodes: &'a [u32]) -> Self {
+        Self {
+            p,
+            parts: parts(p),
+            base,
+            nodes,
+            _log: PhantomData,
         }
     }
 
     #[inline]
-    fn fixed(&self) -> &[u8; FIXED] {
-        // SAFETY: every entry starts with FIXED header bytes.
-        unsafe { &*(self.0.as_ptr() as *const [u8; FIXED]) }
+    fn flags_byte(&self) -> u8 {
+        // SAFETY: every entry starts with its flags byte.
+        unsafe { *self.p }
     }
 
     #[inline]
-    pub fn key(&self) -> &[u8] {
-        let (at, key_len, _) = self.lens();
-        // SAFETY: key bytes lie within the allocation, after the header.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().add(at), key_len) }
+    pub fn key(&self) -> &'a [u8] {
+        // SAFETY: the key lies after the header, inside the entry.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.p.add(self.parts.key_at as usize),
+                self.parts.key_len as usize,
+            )
+        }
     }
 
     #[inline]
-    pub fn value(&self) -> &[u8] {
-        let (at, key_len, value_len) = self.lens();
-        // SAFETY: value bytes follow the key within the allocation.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().add(at + key_len), value_len) }
+    pub fn value(&self) -> &'a [u8] {
+        // SAFETY: the value follows the key, or the block at the address there is the value
+        // (allocated with this length, alive as long as the entry).
+        unsafe {
+            let at = self
+                .p
+                .add(self.parts.key_at as usize + self.parts.key_len as usize);
+            let data = if self.is_large() {
+                at.cast::<usize>().read_unaligned() as *const u8
+            } else {
+                at
+            };
+            std::slice::from_raw_parts(data, self.parts.value_len)
+        }
+    }
+
+    /// The large entry's block and its length.
+    pub fn block(&self) -> Option<(*mut u8, usize)> {
+        self.is_large().then(|| {
+            // SAFETY: a large entry holds its block's address after the key.
+            let at = unsafe {
+                self.p
+                    .add(self.parts.key_at as usize + self.parts.key_len as usize)
+                    .cast::<usize>()
+                    .read_unaligned()
+            };
+            (at as *mut u8, self.parts.value_len)
+        })
     }
 
     #[inline]
     pub fn version(&self) -> Version {
-        let h = self.fixed();
-        Version {
-            hlc: u64::from_le_bytes(h[0..8].try_into().expect("8 bytes")),
-            node: u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")),
+        let flags = self.flags_byte();
+        // SAFETY: the node and HLC fields are where the header says.
+        unsafe {
+            let node = if flags & NODE == 0 {
+                self.base.node
+            } else if *self.p.add(1) == NODE_INLINE {
+                u32::from_le(self.p.add(2).cast::<u32>().read_unaligned())
+            } else {
+                self.nodes[*self.p.add(1) as usize]
+            };
+            let at = self.p.add(self.parts.hlc_at as usize);
+            let hlc = if flags & WIDE != 0 {
+                u64::from_le(at.cast::<u64>().read_unaligned())
+            } else {
+                let d = i32::from_le(at.cast::<i32>().read_unaligned());
+                self.base.hlc.wrapping_add(d as i64 as u64)
+            };
+            Version { hlc, node }
         }
     }
 
     #[inline]
     pub fn expires_at(&self) -> u32 {
-        u32::from_le_bytes(self.fixed()[12..16].try_into().expect("4 bytes"))
+        self.parts.expires_at
+    }
+
+    /// The `USER_FLAGS` bits.
+    #[inline]
+    pub fn flags(&self) -> u8 {
+        self.flags_byte() & USER_FLAGS
     }
 
     #[inline]
-    pub fn flags(&self) -> u8 {
-        self.fixed()[16]
+    pub fn freq(&self) -> u8 {
+        (self.flags_byte() & FREQ_MASK) >> FREQ_SHIFT
     }
 
-    /// Bytes of the allocation.
-    pub fn alloc_len(&self) -> usize {
-        let (at, key_len, value_len) = self.lens();
-        at + key_len + value_len
+    #[inline]
+    pub fn is_dead(&self) -> bool {
+        self.flags_byte() & DEAD != 0
     }
 
-    /// Overwrites this entry in place when the new contents have exactly its length, which
-    /// saves a free and a malloc on the common "same size value" overwrite.
-    pub fn try_overwrite(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        version: Version,
-        expires_at: u32,
-        flags: u8,
-    ) -> bool {
-        if entry_len(key.len(), value.len()) != self.alloc_len() {
-            return false;
-        }
-        let (_, _, old_value_len) = self.lens();
-        if old_value_len != value.len() {
-            // Same total with different varint widths: keep it simple and reallocate.
-            return false;
-        }
-        let (at, key_len, _) = self.lens();
-        // SAFETY: same layout as before (equal key and value lengths), so every write below
-        // stays inside the allocation.
-        unsafe {
-            let p = self.0.as_ptr();
-            std::ptr::copy_nonoverlapping(version.hlc.to_le_bytes().as_ptr(), p, 8);
-            std::ptr::copy_nonoverlapping(version.node.to_le_bytes().as_ptr(), p.add(8), 4);
-            std::ptr::copy_nonoverlapping(expires_at.to_le_bytes().as_ptr(), p.add(12), 4);
-            *p.add(16) = flags;
-            std::ptr::copy_nonoverlapping(value.as_ptr(), p.add(at + key_len), value.len());
-        }
-        true
+    #[inline]
+    pub fn is_large(&self) -> bool {
+        is_large(self.parts.key_len as usize, self.parts.value_len)
     }
-}
 
-impl Entry {
-    /// Frees the entry into the slab it was made with (or back to malloc).
-    pub fn free(self, slab: &mut Slab) {
-        if slab.owns(self.0) {
-            // SAFETY: a cell of this slab, consumed here.
-            unsafe { slab.free(self.0) };
+    /// Bytes in the log.
+    #[inline]
+    pub fn log_len(&self) -> usize {
+        let value = if self.is_large() {
+            8
         } else {
-            let layout =
-                Layout::from_size_align(self.alloc_len(), 1).expect("entry length fits in isize");
-            // SAFETY: malloc'd in `new` with this very layout.
-            unsafe { std::alloc::dealloc(self.0.as_ptr(), layout) };
-        }
+            self.parts.value_len
+        };
+        self.parts.key_at as usize + self.parts.key_len as usize + value
+    }
+
+    /// Bytes of key and value (what the entry stores, whatever its layout).
+    pub fn payload_len(&self) -> usize {
+        self.parts.key_len as usize + self.parts.value_len
     }
 }
 
@@ -220,41 +443,80 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn typical_entry_fits_a_144_byte_cell() {
-        assert_eq!(Slab::cell_size(entry_len(16, 100)), Some(144));
+    fn round_trip(key: &[u8], value: &[u8], v: Version, base: Base, node: u8, exp: u32, flags: u8) {
+        let shape = Shape::new(key.len(), value.len(), v, base, node, exp);
+        let block = value.to_vec().into_boxed_slice();
+        let addr = (block.as_ptr() as usize).to_ne_bytes();
+        let stored: &[u8] = if shape.is_large() { &addr } else { value };
+        let mut buf = vec![0u8; shape.log_len()];
+        let nodes = [v.node ^ 1, v.node];
+        unsafe {
+            write(
+                buf.as_mut_ptr(),
+                &shape,
+                &Fields {
+                    key,
+                    value: stored,
+                    value_len: value.len(),
+                    version: v,
+                    expires_at: exp,
+                    flags,
+                },
+                base,
+            );
+            assert_eq!(len_at(buf.as_ptr()), shape.log_len());
+            assert_eq!(key_at(buf.as_ptr()), key);
+            let e = EntryRef::new(buf.as_ptr(), base, &nodes);
+            assert_eq!(e.key(), key);
+            assert_eq!(e.value(), value);
+            assert_eq!(e.version(), v);
+            assert_eq!(e.expires_at(), exp);
+            assert_eq!(e.flags(), flags & USER_FLAGS);
+            assert_eq!(e.freq(), (flags & FREQ_MASK) >> FREQ_SHIFT);
+            assert_eq!(e.log_len(), shape.log_len());
+            assert_eq!(e.is_large(), shape.is_large());
+            assert_eq!(e.payload_len(), key.len() + value.len());
+        }
     }
 
     #[test]
-    fn overwrite_in_place_keeps_contents_right() {
-        let v1 = Version { hlc: 1, node: 1 };
-        let v2 = Version { hlc: 2, node: 9 };
-        let mut slab = Slab::new(1);
-        let mut e = Entry::new(&mut slab, b"k", b"abc", v1, 5, 0);
-        assert!(e.try_overwrite(b"k", b"xyz", v2, 7, FLAG_BINARY));
-        assert_eq!(e.value(), b"xyz");
-        assert_eq!(e.version(), v2);
-        assert_eq!(e.expires_at(), 7);
-        assert_eq!(e.flags(), FLAG_BINARY);
-        assert!(!e.try_overwrite(b"k", b"longer", v2, 7, 0));
-        e.free(&mut slab);
+    fn a_typical_entry_has_a_7_byte_header() {
+        let v = Version {
+            hlc: 1 << 40,
+            node: 7,
+        };
+        let base = |hlc, node| Base { hlc, node };
+        let shape = Shape::new(16, 100, v, base(v.hlc - 1000, 7), 0, 0);
+        assert_eq!(shape.log_len(), 16 + 100 + 7);
+        // A TTL adds its tick, a version far from the segment's base its full width, a node
+        // other than the segment's its index or id.
+        assert_eq!(Shape::new(16, 100, v, base(v.hlc, 7), 0, 9).log_len(), 127);
+        assert_eq!(Shape::new(16, 100, v, base(0, 7), 0, 0).log_len(), 127);
+        assert_eq!(Shape::new(16, 100, v, base(v.hlc, 1), 1, 0).log_len(), 124);
+        assert_eq!(
+            Shape::new(16, 100, v, base(v.hlc, 1), NODE_INLINE, 0).log_len(),
+            128
+        );
+        assert!(!Shape::new(16, MAX_INLINE_PAYLOAD - 16, v, base(v.hlc, 7), 0, 0).is_large());
+        assert!(Shape::new(16, MAX_INLINE_PAYLOAD - 15, v, base(v.hlc, 7), 0, 0).is_large());
     }
 
     proptest! {
         #[test]
-        fn round_trips(key in proptest::collection::vec(any::<u8>(), 0..300),
-                       value in proptest::collection::vec(any::<u8>(), 0..70_000),
-                       hlc: u64, node: u32, exp: u32, flags: u8) {
+        fn round_trips(key in proptest::collection::vec(any::<u8>(), 0..200),
+                       value in proptest::collection::vec(any::<u8>(), 0..9000),
+                       hlc: u64, base: u64, near: bool, node_kind in 0u8..3, node: u32,
+                       exp: u32, flags: u8) {
+            let base_hlc = if near { hlc.wrapping_add(base % 1000) } else { base };
             let v = Version { hlc, node };
-            let mut slab = Slab::new(1);
-            let e = Entry::new(&mut slab, &key, &value, v, exp, flags);
-            prop_assert_eq!(e.key(), &key[..]);
-            prop_assert_eq!(e.value(), &value[..]);
-            prop_assert_eq!(e.version(), v);
-            prop_assert_eq!(e.expires_at(), exp);
-            prop_assert_eq!(e.flags(), flags);
-            prop_assert_eq!(e.alloc_len(), entry_len(key.len(), value.len()));
-            e.free(&mut slab);
+            // The segment's own node, the table's entry 1, or an id given in full.
+            let (base_node, index) = match node_kind {
+                0 => (node, 0),
+                1 => (node ^ 1, 1),
+                _ => (node ^ 1, NODE_INLINE),
+            };
+            round_trip(&key, &value, v, Base { hlc: base_hlc, node: base_node }, index, exp,
+                       flags & (USER_FLAGS | FREQ_MASK));
         }
     }
 }

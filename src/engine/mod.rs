@@ -18,5 +18,6 @@ pub mod core;
 pub mod entry;
 pub mod ghost;
 pub mod hlc;
+pub mod index;
+pub mod log;
 pub mod shard;
-pub mod slab;

@@ -2,28 +2,29 @@
 //! TTLs and versions. Plain single-threaded code with no runtime: the owning core calls it
 //! synchronously and passes `now` in, so tests drive time by hand.
 //!
-//! Memory per entry, which the bench measures against Redis and memcached: the entry itself
-//! (one cell of the shard's [`Slab`], see [`super::entry`]), one 8-byte slot (its thin
-//! pointer), one byte of eviction state, a 4-byte place in a queue, 2 bytes of ghost per
-//! entry, and the index's 4-byte slot number plus 1 control byte per bucket. An entry with a
-//! TTL also has a 4-byte place in the expiry wheel.
+//! Memory per entry, which the bench measures against Redis and memcached: the entry itself,
+//! packed in a segment of the shard's [`Log`] (an 8-byte header for a typical entry, see
+//! [`super::entry`]), and the index's 4-byte location plus 1 control byte per bucket. The
+//! queues are the log's segments, and the access count lives in the entry's flags byte, so
+//! eviction costs nothing per entry; the ghost is allocated once evictions start (about 2
+//! bytes per entry). An entry with a TTL also has an 8-byte hash in the expiry wheel.
 //!
-//! Eviction keeps FIFO queues of slot numbers rather than links in the slots: a deleted
-//! entry's slot stays in its queue, empty, until the queue reaches it (or a compaction when
-//! such slots outnumber the live ones), so a slot is never in a queue twice.
+//! A delete, an expiry or an overwrite that changes an entry's size leaves a dead copy in its
+//! segment; the space comes back when the segment empties, when its queue's head passes it, or
+//! when it is more than half dead and a write compacts it.
 
 use super::{
-    entry::{entry_len, Entry, FLAG_TOMBSTONE},
+    entry::{
+        self, Base, EntryRef, Shape, DEAD, FLAG_TOMBSTONE, FREQ_MASK, FREQ_SHIFT, MAX_NODES,
+        NODE_INLINE, USER_FLAGS,
+    },
     ghost::Ghost,
     hlc::Version,
-    slab::Slab,
+    index::Index,
+    log::{Cursor, Log, Queue, SEGMENT},
 };
 use crate::routing::buckets::{bucket_of, bucket_of_position, key_position, BucketSet, BUCKETS};
-use hashbrown::HashTable;
-use std::collections::{BTreeMap, VecDeque};
-
-/// What a slot costs beside its entry: its pointer, its eviction byte, its place in a queue.
-const SLOT_BYTES: usize = 8 + 1 + 4;
+use std::{alloc::Layout, collections::BTreeMap};
 
 /// Time as the shard sees it: tenths of a second since the node started. 32 bits last 13
 /// years of uptime; 0 in an entry means "never expires".
@@ -101,8 +102,8 @@ fn is_expired(expires_at: Tick, now: Tick) -> bool {
     expires_at != 0 && now >= expires_at
 }
 
-/// Largest entry count a shard reserves for at creation (64 MiB of slots); beyond it the
-/// arrays grow on demand.
+/// Largest entry count a shard presizes its index for at creation; beyond it the index grows
+/// on demand.
 pub const PRESIZE_MAX: usize = 1 << 22;
 
 /// Most entries one eviction moves (promotes or reinserts) before it evicts the one in hand
@@ -116,15 +117,9 @@ const SMALL_PERCENT: usize = 10;
 /// Highest access count an entry keeps (S3-FIFO's two bits); CLOCK keeps one bit.
 const S3FIFO_MAX_FREQ: u8 = 3;
 
-/// Per-slot bits beside the entry: its access count (0..=3) and the queue it is in.
-const FREQ_MASK: u8 = 0b011;
-const IN_MAIN: u8 = 0b100;
-/// The slot has an entry in the expiry wheel (`expiring`), valid or stale.
-const SCHEDULED: u8 = 0b1000;
-
-/// Bytes a shard holds whatever it stores: the digest and count per ring bucket, and the
-/// slab's one resident spare page.
-pub const SHARD_FIXED_BYTES: usize = BUCKETS * 12 + 64 * 1024;
+/// Bytes a shard holds whatever it stores: the digest and count per ring bucket, its two open
+/// tail segments and the spare one.
+pub const SHARD_FIXED_BYTES: usize = BUCKETS * 12 + 3 * SEGMENT;
 
 /// How a full shard chooses what to evict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,33 +172,33 @@ pub struct ShardStats {
     pub limit_entries: u64,
 }
 
+/// A value to store: its bytes, or a large entry's block moving with it.
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    Bytes(&'a [u8]),
+    Block(*mut u8, usize),
+}
+
 pub struct Shard {
-    index: HashTable<u32>,
-    /// The entry in each slot; `None` for a free one, or one whose entry went but which is
-    /// still in a queue (freed when the queue reaches it).
-    slots: Vec<Option<Entry>>,
-    /// Per slot: FREQ_MASK | IN_MAIN | SCHEDULED.
-    meta: Vec<u8>,
-    /// Free slot numbers, the last freed reused first.
-    free: Vec<u32>,
-    /// Slots emptied while still in a queue.
-    dead_queued: usize,
-    small: VecDeque<u32>,
-    main: VecDeque<u32>,
-    /// Charged bytes of the entries in `small`.
-    small_bytes: usize,
+    /// Key hash -> location of the key's entry in `log`.
+    index: Index,
+    log: Log,
+    /// Node ids the entries' versions name by index (see [`super::entry`]).
+    nodes: Vec<u32>,
     ghost: Ghost,
-    /// Expiry tick -> slots whose entry expires then (or did, before an overwrite: checked when
-    /// taken). Lets expired entries go before any live one is evicted, and the sweep visit only
-    /// entries that expired.
-    expiring: BTreeMap<Tick, Vec<u32>>,
+    /// Expiry tick -> hashes of keys whose entry expires then (or did, before an overwrite or
+    /// a delete: checked when taken). Lets expired entries go before any live one is evicted,
+    /// and the sweep visit only entries that expired. Rebuilt from the entries when stale
+    /// hashes outnumber them.
+    expiring: BTreeMap<Tick, Vec<u64>>,
     expiring_len: usize,
     policy: Policy,
     limits: Limits,
     len: usize,
-    /// Bytes of the entries (their own lengths) and what the allocator charges for them.
+    /// Bytes of the entries (log bytes and large values' blocks).
     bytes: usize,
-    charged: usize,
+    /// What malloc takes for large entries' blocks.
+    blocks_charged: usize,
     hasher: ahash::RandomState,
     evictions: u64,
     evicted_bytes: u64,
@@ -213,20 +208,36 @@ pub struct Shard {
     digest: Box<[u64]>,
     /// Per ring bucket, the number of entries held: sizes anti-entropy's key-list batches.
     counts: Box<[u32]>,
-    /// Where the entries live. Every entry is freed into it before it goes (`Drop`).
-    slab: Slab,
 }
 
-/// What the allocator takes for an entry of `len` bytes: its slab cell, a malloc chunk
-/// (glibc: 8 bytes of header, 16-byte granularity), or from
-/// [`super::slab::MALLOC_MMAP_THRESHOLD`] up a mapping of whole pages.
+/// What malloc takes for a block of `len` bytes (glibc: 8 bytes of header, 16-byte
+/// granularity), or from [`super::log::MALLOC_MMAP_THRESHOLD`] up a mapping of whole pages.
 #[inline]
-pub fn charge(len: usize) -> usize {
-    match Slab::cell_size(len) {
-        Some(cell) => cell,
-        None if len + 8 >= super::slab::MALLOC_MMAP_THRESHOLD => (len + 16).next_multiple_of(4096),
-        None => (len + 8).next_multiple_of(16),
+fn block_charge(len: usize) -> usize {
+    if len + 8 >= super::log::MALLOC_MMAP_THRESHOLD {
+        (len + 16).next_multiple_of(4096)
+    } else {
+        (len + 8).next_multiple_of(16)
     }
+}
+
+/// About what an entry with this key and value takes in a shard (its place in the log, and a
+/// large one's block): what the node's budget is checked against before a write.
+pub fn footprint(key_len: usize, value_len: usize) -> usize {
+    let shape = Shape::new(
+        key_len,
+        value_len,
+        Version::default(),
+        Base::default(),
+        0,
+        0,
+    );
+    shape.log_len()
+        + if shape.is_large() {
+            block_charge(value_len)
+        } else {
+            0
+        }
 }
 
 impl Shard {
@@ -242,32 +253,36 @@ impl Shard {
         )
     }
 
-    /// A shard with `policy` and `limits`.
-    ///
-    /// With an entry limit, the slot array and the index are sized for it up front (up to
-    /// [`PRESIZE_MAX`] entries): growing them by doubling leaves the freed old arrays as holes
-    /// in the allocator's heap, which measured as ~12 bytes of RSS per entry at 1M entries.
-    /// Untouched reserved pages cost no RSS; the index's control bytes (1 per bucket) do.
+    /// A shard with `policy` and `limits`, its log sized for the byte limit (or about 1 KiB
+    /// per entry of the entry limit).
     pub fn with(policy: Policy, limits: Limits) -> Self {
+        let room = if limits.bytes != usize::MAX {
+            limits.bytes
+        } else if limits.entries != usize::MAX {
+            limits.entries.saturating_mul(1024)
+        } else {
+            1 << 34
+        };
+        Self::with_room(policy, limits, room)
+    }
+
+    /// A shard with `policy` and `limits` whose log can grow to `room` bytes: the node's whole
+    /// budget, as budget moves between shards. The larger the room, the coarser the alignment
+    /// of entries (1 byte up to 4 GiB).
+    ///
+    /// With an entry limit, the index is sized for it up front (up to [`PRESIZE_MAX`]
+    /// entries): growing it by doubling leaves the freed old arrays as holes in the
+    /// allocator's heap.
+    pub fn with_room(policy: Policy, limits: Limits, room: usize) -> Self {
         let presize = if limits.entries == usize::MAX {
             0
         } else {
             limits.entries.min(PRESIZE_MAX)
         };
-        let slab_entries = if limits.entries != usize::MAX {
-            limits.entries
-        } else {
-            (limits.bytes / 64).min(1 << 30)
-        };
         Self {
-            index: HashTable::with_capacity(presize),
-            slots: Vec::with_capacity(presize),
-            meta: Vec::with_capacity(presize),
-            free: Vec::new(),
-            dead_queued: 0,
-            small: VecDeque::new(),
-            main: VecDeque::new(),
-            small_bytes: 0,
+            index: Index::with_capacity(presize),
+            log: Log::new(room.min(1 << 40)),
+            nodes: Vec::new(),
             ghost: Ghost::new(64),
             expiring: BTreeMap::new(),
             expiring_len: 0,
@@ -275,14 +290,13 @@ impl Shard {
             limits,
             len: 0,
             bytes: 0,
-            charged: 0,
+            blocks_charged: 0,
             hasher: ahash::RandomState::new(),
             evictions: 0,
             evicted_bytes: 0,
             expirations: 0,
             digest: vec![0; BUCKETS].into_boxed_slice(),
             counts: vec![0; BUCKETS].into_boxed_slice(),
-            slab: Slab::new(slab_entries),
         }
     }
 
@@ -322,22 +336,20 @@ impl Shard {
         self.policy
     }
 
-    /// What the shard holds in memory: the allocator's charge for every entry, the index, the
-    /// slot array, the queues, the ghost, the expiry wheel and the fixed per-shard part. What
-    /// the byte limit counts.
+    /// What the shard holds in memory: its resident segments, large entries' blocks, the
+    /// index, the ghost, the expiry wheel and the fixed per-shard part. What the byte limit
+    /// counts.
     pub fn used_bytes(&self) -> usize {
-        self.charged + self.structure_bytes()
+        self.log.resident_bytes() + self.blocks_charged + self.structure_bytes()
     }
 
     fn structure_bytes(&self) -> usize {
-        SHARD_FIXED_BYTES
+        BUCKETS * 12
             + self.index.allocation_size()
-            + self.slots.len() * std::mem::size_of::<Option<Entry>>()
-            + self.meta.len()
-            + self.free.len() * 4
-            + (self.small.len() + self.main.len()) * 4
+            + self.log.meta_bytes()
+            + self.nodes.capacity() * 4
             + self.ghost.bytes()
-            + self.expiring_len * 4
+            + self.expiring_len * 8
             + self.expiring.len() * 48
     }
 
@@ -358,10 +370,7 @@ impl Shard {
     pub fn set_limits(&mut self, limits: Limits, now: Tick) -> usize {
         self.limits = limits;
         let before = self.evictions + self.expirations;
-        while self.len > 0
-            && (self.len > limits.entries || self.used_bytes() > limits.bytes)
-            && self.evict_one(now, false)
-        {}
+        self.make_room(0, None, now);
         (self.evictions + self.expirations - before) as usize
     }
 
@@ -370,19 +379,19 @@ impl Shard {
         self.hasher.hash_one(key)
     }
 
-    fn entry(&self, slot: u32) -> &Entry {
-        self.slots[slot as usize]
-            .as_ref()
-            .expect("indexed slots hold an entry")
+    #[inline]
+    fn entry(&self, loc: u32) -> EntryRef<'_> {
+        // SAFETY: indexed and queued locations hold entries written with their segment's
+        // base and this shard's node table.
+        unsafe { EntryRef::new(self.log.ptr(loc), self.log.base_of(loc), &self.nodes) }
     }
 
+    #[inline]
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let slots = &self.slots;
+        let log = &self.log;
         self.index
-            .find(hash, |&s| {
-                slots[s as usize].as_ref().map(Entry::key) == Some(key)
-            })
-            .copied()
+            // SAFETY: the index holds locations of live entries.
+            .find(hash, |&loc| unsafe { entry::key_at(log.ptr(loc)) } == key)
     }
 
     #[inline]
@@ -394,88 +403,227 @@ impl Shard {
     }
 
     #[inline]
-    fn touch(&mut self, s: u32) {
+    fn touch(&mut self, loc: u32) {
         let max = self.max_freq();
-        let m = &mut self.meta[s as usize];
-        if *m & FREQ_MASK < max {
-            *m += 1;
+        // SAFETY: a live entry's flags byte; nothing else refers to it now.
+        let flags = unsafe { entry::flags_at(self.log.ptr(loc)) };
+        if (*flags & FREQ_MASK) >> FREQ_SHIFT < max {
+            *flags += 1 << FREQ_SHIFT;
         }
     }
 
+    /// The index of `node` in the table, added if new (`NODE_INLINE` once the table is full).
     #[inline]
-    fn in_small(&self, s: u32) -> bool {
-        self.policy == Policy::S3Fifo && self.meta[s as usize] & IN_MAIN == 0
-    }
-
-    /// Takes the entry out of slot `s` and the index. `queued`: the slot is still in a queue
-    /// (it is freed when the queue reaches it), else it was just taken from one.
-    fn remove_slot(&mut self, s: u32, hash: u64, queued: bool) {
-        if let Ok(found) = self.index.find_entry(hash, |&x| x == s) {
-            found.remove();
+    fn node_index(&mut self, node: u32) -> u8 {
+        if let Some(i) = self.nodes.iter().position(|&n| n == node) {
+            return i as u8;
         }
-        if let Some(entry) = self.slots[s as usize].take() {
-            let len = entry.alloc_len();
-            self.bytes -= len;
-            self.charged -= charge(len);
-            if queued && self.in_small(s) {
-                self.small_bytes -= charge(len);
-            }
-            self.digest_account(entry.key(), entry.version(), entry.flags(), -1);
-            entry.free(&mut self.slab);
-        }
-        self.meta[s as usize] &= SCHEDULED;
-        self.len -= 1;
-        if queued {
-            self.dead_queued += 1;
-            if self.dead_queued > self.len + 1024 {
-                self.compact_queues();
-            }
+        if self.nodes.len() < MAX_NODES {
+            self.nodes.push(node);
+            (self.nodes.len() - 1) as u8
         } else {
-            self.free.push(s);
+            NODE_INLINE
         }
     }
 
-    /// Drops the emptied slots from the queues and frees them: deletes without evictions would
-    /// otherwise grow the queues without bound.
-    fn compact_queues(&mut self) {
-        let slots = &self.slots;
-        let free = &mut self.free;
-        for q in [&mut self.small, &mut self.main] {
-            q.retain(|&s| {
-                let live = slots[s as usize].is_some();
-                if !live {
-                    free.push(s);
+    /// The shape of an entry appended to `q` now, and whether it needs a new segment.
+    fn shape_for(
+        &self,
+        q: Queue,
+        key: &[u8],
+        value_len: usize,
+        version: Version,
+        node: u8,
+        expires_at: Tick,
+    ) -> (Shape, bool) {
+        let fresh = Base {
+            hlc: version.hlc,
+            node: version.node,
+        };
+        let (room, base) = self.log.tail(q);
+        let shape = Shape::new(
+            key.len(),
+            value_len,
+            version,
+            base.unwrap_or(fresh),
+            node,
+            expires_at,
+        );
+        if self.log.align(shape.log_len()) <= room {
+            return (shape, false);
+        }
+        (
+            Shape::new(key.len(), value_len, version, fresh, node, expires_at),
+            true,
+        )
+    }
+
+    /// Writes an entry at the tail of `q` with access count `freq`. `None` when the log's
+    /// range is used up (the caller evicts and tries again).
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        q: Queue,
+        key: &[u8],
+        value: Value,
+        version: Version,
+        expires_at: Tick,
+        flags: u8,
+        freq: u8,
+    ) -> Option<u32> {
+        let value_len = match value {
+            Value::Bytes(v) => v.len(),
+            Value::Block(_, len) => len,
+        };
+        let node = self.node_index(version.node);
+        let (shape, new_segment) = self.shape_for(q, key, value_len, version, node, expires_at);
+        if new_segment && !self.log.open(q) {
+            return None;
+        }
+        let aligned = self.log.align(shape.log_len());
+        let fresh = Base {
+            hlc: version.hlc,
+            node: version.node,
+        };
+        let base = self.log.tail(q).1.unwrap_or(fresh);
+        let loc = self.log.push(q, aligned, fresh);
+        let addr;
+        let stored: &[u8] = match (shape.is_large(), value) {
+            (false, Value::Bytes(v)) => v,
+            (true, Value::Block(p, _)) => {
+                addr = (p as usize).to_ne_bytes();
+                &addr
+            }
+            (true, Value::Bytes(v)) => {
+                let layout = Layout::from_size_align(v.len(), 1).expect("value length fits");
+                // SAFETY: a large value is longer than MAX_INLINE, so the layout is not empty.
+                let p = unsafe { std::alloc::alloc(layout) };
+                if p.is_null() {
+                    std::alloc::handle_alloc_error(layout);
                 }
-                live
-            });
-        }
-        self.dead_queued = 0;
+                // SAFETY: a fresh block of v.len() bytes.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, v.len()) };
+                self.bytes += v.len();
+                self.blocks_charged += block_charge(v.len());
+                addr = (p as usize).to_ne_bytes();
+                &addr
+            }
+            (false, Value::Block(..)) => unreachable!("largeness depends on the lengths only"),
+        };
+        // SAFETY: `push` reserved `aligned` >= shape.log_len() bytes at `loc`.
+        unsafe {
+            entry::write(
+                self.log.ptr(loc),
+                &shape,
+                &entry::Fields {
+                    key,
+                    value: stored,
+                    value_len,
+                    version,
+                    expires_at,
+                    flags: (flags & USER_FLAGS) | (freq << FREQ_SHIFT),
+                },
+                base,
+            )
+        };
+        self.bytes += shape.log_len();
+        Some(loc)
     }
 
-    /// A slot for a new entry.
-    fn alloc_slot(&mut self, entry: Entry) -> u32 {
-        if let Some(s) = self.free.pop() {
-            self.slots[s as usize] = Some(entry);
-            self.meta[s as usize] &= SCHEDULED;
-            s
-        } else {
-            let s = u32::try_from(self.slots.len()).expect("fewer than 2^32 entries per shard");
-            self.slots.push(Some(entry));
-            self.meta.push(0);
-            s
+    /// Marks the entry at `loc` dead in the log and takes it out of the byte counts; frees a
+    /// large entry's block unless it moved with a new copy (`keep_block`).
+    fn kill(&mut self, loc: u32, keep_block: bool) {
+        let e = self.entry(loc);
+        let (len, block) = (e.log_len(), e.block());
+        // SAFETY: the entry's own flags byte.
+        unsafe { *entry::flags_at(self.log.ptr(loc)) |= DEAD };
+        self.bytes -= len;
+        if let Some((p, block_len)) = block {
+            if !keep_block {
+                self.bytes -= block_len;
+                self.blocks_charged -= block_charge(block_len);
+                let layout = Layout::from_size_align(block_len, 1).expect("value length fits");
+                // SAFETY: allocated in `append` with this layout; its entry goes now.
+                unsafe { std::alloc::dealloc(p, layout) };
+            }
         }
+        let aligned = self.log.align(len);
+        self.log.kill(loc, aligned);
     }
 
-    /// Puts slot `s` in the expiry wheel at `expires_at` unless it already has a place there.
-    /// A place later than the entry's expiry (the slot was reused) only delays its reclaim to
-    /// that place: reads never return an expired entry whatever the wheel says.
-    fn schedule(&mut self, s: u32, expires_at: Tick) {
-        if expires_at == 0 || self.meta[s as usize] & SCHEDULED != 0 {
+    /// Removes the entry at `loc` (hash `hash`) from the index and the shard.
+    fn remove(&mut self, loc: u32, hash: u64) {
+        self.index.remove(hash, |&x| x == loc);
+        let e = self.entry(loc);
+        let (key, version, flags) = (e.key(), e.version(), e.flags());
+        let pos = key_position(key);
+        let b = bucket_of_position(pos);
+        self.digest[b] ^= entry_digest_at(pos, version, flags);
+        self.counts[b] = self.counts[b].wrapping_sub(1);
+        self.kill(loc, false);
+        self.len -= 1;
+    }
+
+    /// Copies the entry at `loc` to the tail of `q` with access count `freq` and points the
+    /// index at the copy. False (nothing changed) when the log's range is used up.
+    fn relocate(&mut self, loc: u32, q: Queue, freq: u8) -> bool {
+        let e = self.entry(loc);
+        let (key, version, expires_at, flags) = (e.key(), e.version(), e.expires_at(), e.flags());
+        let (key, value) = (
+            key as *const [u8],
+            e.block().ok_or(e.value() as *const [u8]),
+        );
+        // SAFETY: the old copy stays in place until `kill` below; appending writes past the
+        // tail's end, never over it.
+        let (key, value) = unsafe {
+            (
+                &*key,
+                match value {
+                    Ok((p, len)) => Value::Block(p, len),
+                    Err(bytes) => Value::Bytes(&*bytes),
+                },
+            )
+        };
+        let Some(new) = self.append(q, key, value, version, expires_at, flags, freq) else {
+            return false;
+        };
+        let hash = self.hash(key);
+        if let Some(slot) = self.index.find_mut(hash, |&x| x == loc) {
+            *slot = new;
+        }
+        self.kill(loc, true);
+        true
+    }
+
+    /// Puts `hash` in the expiry wheel at `expires_at`.
+    fn schedule(&mut self, hash: u64, expires_at: Tick) {
+        if expires_at == 0 {
             return;
         }
-        self.meta[s as usize] |= SCHEDULED;
-        self.expiring.entry(expires_at).or_default().push(s);
+        self.expiring.entry(expires_at).or_default().push(hash);
         self.expiring_len += 1;
+        if self.expiring_len > 2 * self.len + 1024 {
+            self.rebuild_expiring();
+        }
+    }
+
+    /// Refills the wheel from the live entries, dropping the hashes of keys deleted or
+    /// overwritten since they were placed.
+    fn rebuild_expiring(&mut self) {
+        let mut wheel: BTreeMap<Tick, Vec<u64>> = BTreeMap::new();
+        let mut n = 0;
+        for loc in self.log.all() {
+            let e = self.entry(loc);
+            if !e.is_dead() && e.expires_at() != 0 {
+                wheel
+                    .entry(e.expires_at())
+                    .or_default()
+                    .push(self.hash(e.key()));
+                n += 1;
+            }
+        }
+        self.expiring = wheel;
+        self.expiring_len = n;
     }
 
     /// Reclaims one entry whose time has come, if any is due; true if one went.
@@ -487,24 +635,27 @@ impl Shard {
             if *first.key() > now {
                 return false;
             }
-            let Some(s) = first.get_mut().pop() else {
+            let Some(hash) = first.get_mut().pop() else {
                 first.remove();
                 continue;
             };
             self.expiring_len -= 1;
-            self.meta[s as usize] &= !SCHEDULED;
-            let Some(e) = self.slots[s as usize].as_ref() else {
+            let (log, hasher) = (&self.log, &self.hasher);
+            let found = self
+                .index
+                // SAFETY: the index holds locations of live entries.
+                .find(hash, |&loc| {
+                    hasher.hash_one(unsafe { entry::key_at(log.ptr(loc)) }) == hash
+                });
+            let Some(loc) = found else {
                 continue;
             };
-            let expires_at = e.expires_at();
-            if is_expired(expires_at, now) {
-                let hash = self.hash(e.key());
-                self.remove_slot(s, hash, true);
+            if is_expired(self.entry(loc).expires_at(), now) {
+                self.remove(loc, hash);
                 self.expirations += 1;
                 return true;
             }
-            // Overwritten with a later expiry (or none) since it was placed.
-            self.schedule(s, expires_at);
+            // Overwritten with a later expiry (placed again then) or none.
         }
     }
 
@@ -519,14 +670,14 @@ impl Shard {
     /// marked used. An expired entry is removed and never returned.
     pub fn get_entry(&mut self, key: &[u8], now: Tick) -> Option<Found<'_>> {
         let hash = self.hash(key);
-        let s = self.find(hash, key)?;
-        if is_expired(self.entry(s).expires_at(), now) {
-            self.remove_slot(s, hash, true);
+        let loc = self.find(hash, key)?;
+        if is_expired(self.entry(loc).expires_at(), now) {
+            self.remove(loc, hash);
             self.expirations += 1;
             return None;
         }
-        self.touch(s);
-        let e = self.entry(s);
+        self.touch(loc);
+        let e = self.entry(loc);
         Some(Found {
             value: e.value(),
             version: e.version(),
@@ -576,86 +727,162 @@ impl Shard {
         flags: u8,
         now: Tick,
     ) {
+        let flags = flags & USER_FLAGS;
         let hash = self.hash(key);
-        if let Some(s) = self.find(hash, key) {
-            let in_small = self.in_small(s);
-            let entry = self.slots[s as usize]
-                .as_mut()
-                .expect("indexed slots hold an entry");
-            let pos = key_position(key);
-            self.digest[bucket_of_position(pos)] ^=
-                entry_digest_at(pos, entry.version(), entry.flags())
-                    ^ entry_digest_at(pos, version, flags);
-            let mut grew = false;
-            if !entry.try_overwrite(key, value, version, expires_at, flags) {
-                let new = Entry::new(&mut self.slab, key, value, version, expires_at, flags);
-                let (old_len, new_len) = (entry.alloc_len(), new.alloc_len());
-                self.bytes = self.bytes - old_len + new_len;
-                self.charged = self.charged - charge(old_len) + charge(new_len);
-                if in_small {
-                    self.small_bytes = self.small_bytes - charge(old_len) + charge(new_len);
-                }
-                grew = charge(new_len) > charge(old_len);
-                std::mem::replace(entry, new).free(&mut self.slab);
-            }
-            self.touch(s);
-            self.schedule(s, expires_at);
-            if grew {
-                self.make_room(0, now);
-            }
+        if let Some(loc) = self.find(hash, key) {
+            self.overwrite(loc, hash, key, value, version, expires_at, flags, now);
             return;
         }
-        let len = entry_len(key.len(), value.len());
-        self.make_room(charge(len) + SLOT_BYTES, now);
-        let entry = Entry::new(&mut self.slab, key, value, version, expires_at, flags);
-        self.bytes += len;
-        self.charged += charge(len);
-        self.digest_account(key, version, flags, 1);
-        let s = self.alloc_slot(entry);
-        let to_main = match self.policy {
-            Policy::Clock => true,
-            Policy::S3Fifo => self.ghost.take(hash),
-        };
-        if to_main {
-            self.meta[s as usize] |= IN_MAIN;
-            self.main.push_back(s);
-        } else {
-            self.small_bytes += charge(len);
-            self.small.push_back(s);
+        if self.log.has_sparse() {
+            self.compact_one();
         }
-        self.schedule(s, expires_at);
-        let (index, slots, hasher) = (&mut self.index, &self.slots, &self.hasher);
-        index.insert_unique(hash, s, |&x| {
-            hasher.hash_one(
-                slots[x as usize]
-                    .as_ref()
-                    .map(Entry::key)
-                    .unwrap_or_default(),
-            )
+        let q = match self.policy {
+            Policy::Clock => Queue::Main,
+            Policy::S3Fifo if self.ghost.take(hash) => Queue::Main,
+            Policy::S3Fifo => Queue::Small,
+        };
+        let node = self.node_index(version.node);
+        let (shape, new_segment) = self.shape_for(q, key, value.len(), version, node, expires_at);
+        let incoming = if new_segment { SEGMENT } else { 0 }
+            + if shape.is_large() {
+                block_charge(value.len())
+            } else {
+                0
+            };
+        self.make_room(incoming, Some(hash), now);
+        let loc = loop {
+            if let Some(loc) =
+                self.append(q, key, Value::Bytes(value), version, expires_at, flags, 0)
+            {
+                break loc;
+            }
+            // The log's range is used up: only eviction makes room.
+            if !self.evict_one(now, true) {
+                return;
+            }
+        };
+        self.digest_account(key, version, flags, 1);
+        self.schedule(hash, expires_at);
+        let (index, log, hasher) = (&mut self.index, &self.log, &self.hasher);
+        // SAFETY: the index holds locations of live entries.
+        index.insert(hash, loc, |&x| {
+            hasher.hash_one(unsafe { entry::key_at(log.ptr(x)) })
         });
         self.len += 1;
     }
 
-    /// Evicts until `incoming` more bytes and one more entry (if `incoming` > 0) fit the
-    /// limits. An index that would have to double to take the entry counts its growth.
-    fn make_room(&mut self, incoming: usize, now: Tick) {
-        let entries = self.limits.entries.saturating_sub((incoming > 0) as usize);
-        loop {
-            let growth = if incoming > 0 && self.index.len() == self.index.capacity() {
-                self.index.allocation_size().max(4096)
-            } else {
-                0
+    /// A new value for the key held at `loc`: written over the old one when it takes the same
+    /// room (the common same-size overwrite), else appended to the same queue.
+    #[allow(clippy::too_many_arguments)]
+    fn overwrite(
+        &mut self,
+        loc: u32,
+        hash: u64,
+        key: &[u8],
+        value: &[u8],
+        version: Version,
+        expires_at: Tick,
+        flags: u8,
+        now: Tick,
+    ) {
+        let max = self.max_freq();
+        let node = self.node_index(version.node);
+        let old = self.entry(loc);
+        let (old_len, old_version, old_flags) = (old.log_len(), old.version(), old.flags());
+        let freq = (old.freq() + 1).min(max);
+        let old_large = old.is_large();
+        let pos = key_position(key);
+        self.digest[bucket_of_position(pos)] ^=
+            entry_digest_at(pos, old_version, old_flags) ^ entry_digest_at(pos, version, flags);
+        let base = self.log.base_of(loc);
+        let shape = Shape::new(key.len(), value.len(), version, base, node, expires_at);
+        if !shape.is_large() && !old_large && self.log.align(shape.log_len()) == self.log.align(old_len)
+        {
+            // SAFETY: the same aligned room as the old entry, which it replaces.
+            unsafe {
+                entry::write(
+                    self.log.ptr(loc),
+                    &shape,
+                    &entry::Fields {
+                        key,
+                        value,
+                        value_len: value.len(),
+                        version,
+                        expires_at,
+                        flags: flags | (freq << FREQ_SHIFT),
+                    },
+                    base,
+                )
             };
+            self.bytes = self.bytes - old_len + shape.log_len();
+            self.schedule(hash, expires_at);
+            return;
+        }
+        let q = self.log.queue_of(loc);
+        let new = loop {
+            if let Some(new) = self.append(
+                q,
+                key,
+                Value::Bytes(value),
+                version,
+                expires_at,
+                flags,
+                freq,
+            ) {
+                break new;
+            }
+            if !self.evict_one(now, true) || self.find(hash, key) != Some(loc) {
+                // The key itself went to make room: store it as a new one.
+                self.set_at(key, value, version, expires_at, flags, now);
+                return;
+            }
+        };
+        if let Some(slot) = self.index.find_mut(hash, |&x| x == loc) {
+            *slot = new;
+        }
+        self.kill(loc, false);
+        self.schedule(hash, expires_at);
+        self.make_room(0, None, now);
+    }
+
+    /// Moves the live entries of a segment more than half dead to the tails of their queues,
+    /// which frees it. False when there was none (or no room to move to).
+    fn compact_one(&mut self) -> bool {
+        let Some(locs) = self.log.take_sparse() else {
+            return false;
+        };
+        for loc in locs {
+            let e = self.entry(loc);
+            if e.is_dead() {
+                continue;
+            }
+            let (q, freq) = (self.log.queue_of(loc), e.freq());
+            if !self.relocate(loc, q, freq) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Evicts until `incoming` more bytes and, if `entry` (the new key's hash), one more entry
+    /// fit the limits. An index that would have to double to take the entry counts its
+    /// growth. Space held by
+    /// dead copies is reclaimed (the spare segment, then segments more than half dead) before
+    /// any live entry is evicted.
+    fn make_room(&mut self, incoming: usize, entry: Option<u64>, now: Tick) {
+        let entries = self.limits.entries.saturating_sub(entry.is_some() as usize);
+        loop {
+            let growth = entry.map_or(0, |hash| self.index.growth(hash));
             let over_bytes = self.used_bytes() + incoming + growth > self.limits.bytes;
             if self.len == 0 || (self.len <= entries && !over_bytes) {
                 break;
             }
-            if !self.evict_one(now, true) {
+            if over_bytes && self.len <= entries && (self.log.trim_spare() || self.compact_one()) {
+                continue;
+            }
+            if !self.evict_one(now, entry.is_some()) {
                 break;
             }
-        }
-        if self.policy == Policy::S3Fifo && self.ghost.slots() < self.len / 2 {
-            self.ghost = Ghost::new(self.len);
         }
     }
 
@@ -668,41 +895,46 @@ impl Shard {
         }
         let mut moves = 0;
         loop {
-            let from_small = !self.small.is_empty()
-                && (self.main.is_empty() || self.small_bytes * 100 > self.charged * SMALL_PERCENT);
-            let popped = if from_small {
-                self.small.pop_front()
+            let (small, main) = (self.log.live(Queue::Small), self.log.live(Queue::Main));
+            if small + main == 0 {
+                return false;
+            }
+            let from_small =
+                small > 0 && (main == 0 || small * 100 > (small + main) * SMALL_PERCENT);
+            let q = if from_small {
+                Queue::Small
             } else {
-                self.main.pop_front()
+                Queue::Main
             };
-            let Some(s) = popped else {
+            let Some(loc) = self.log.head(q) else {
                 return false;
             };
-            let Some(e) = self.slots[s as usize].as_ref() else {
-                self.dead_queued -= 1;
-                self.free.push(s);
+            let e = self.entry(loc);
+            let (dead, len, expires_at, freq) = (e.is_dead(), e.log_len(), e.expires_at(), e.freq());
+            let c = self.log.align(len) + e.block().map_or(0, |(_, n)| block_charge(n));
+            let hash = (!dead).then(|| self.hash(e.key()));
+            self.log.advance(q, self.log.align(len));
+            let Some(hash) = hash else {
                 continue;
             };
-            let c = charge(e.alloc_len());
-            let expired = is_expired(e.expires_at(), now);
-            let freq = self.meta[s as usize] & FREQ_MASK;
-            if from_small {
-                self.small_bytes -= c;
-            }
+            let expired = is_expired(expires_at, now);
             if !expired && freq > 0 && moves < MAX_MOVES {
                 // Promoted from small with its count reset, or reinserted in main with one
                 // count spent.
-                let m = &mut self.meta[s as usize];
-                *m = (*m & SCHEDULED) | IN_MAIN | if from_small { 0 } else { freq - 1 };
-                self.main.push_back(s);
-                moves += 1;
-                continue;
+                let freq = if from_small { 0 } else { freq - 1 };
+                if self.relocate(loc, Queue::Main, freq) {
+                    moves += 1;
+                    continue;
+                }
             }
-            let hash = self.hash(e.key());
             if from_small && !expired {
+                if self.ghost.slots() < self.len / 2 {
+                    // Sized when evictions start: a shard that never fills holds no ghost.
+                    self.ghost = Ghost::new(self.len);
+                }
                 self.ghost.insert(hash);
             }
-            self.remove_slot(s, hash, false);
+            self.remove(loc, hash);
             if expired {
                 self.expirations += 1;
             } else {
@@ -718,11 +950,11 @@ impl Shard {
     /// Removes `key`; true if a live entry was removed.
     pub fn delete(&mut self, key: &[u8], now: Tick) -> bool {
         let hash = self.hash(key);
-        let Some(s) = self.find(hash, key) else {
+        let Some(loc) = self.find(hash, key) else {
             return false;
         };
-        let live = !is_expired(self.entry(s).expires_at(), now);
-        self.remove_slot(s, hash, true);
+        let live = !is_expired(self.entry(loc).expires_at(), now);
+        self.remove(loc, hash);
         if !live {
             self.expirations += 1;
         }
@@ -740,24 +972,26 @@ impl Shard {
         (expired, expired)
     }
 
-    /// Slots to scan; scans that must not hold the core for long go `slots` at a time
-    /// (`for_each_in_slots`, `drop_buckets_in_slots`).
-    pub fn slot_count(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Calls `f` with every live entry (tombstones included, expired ones not) in the slots of
-    /// `range` whose bucket is in `buckets`, in slot order.
-    pub fn for_each_in_slots(
+    /// Calls `f` with every live entry (tombstones included, expired ones not) whose bucket is
+    /// in `buckets`, going on from `cursor` for at most `max` entries (dead copies included),
+    /// so that scans that must not hold the core for long go a chunk at a time.
+    pub fn scan(
         &self,
-        range: std::ops::Range<usize>,
+        cursor: &mut Cursor,
+        max: usize,
         buckets: &BucketSet,
         now: Tick,
-        mut f: impl FnMut(&Entry),
+        mut f: impl FnMut(EntryRef<'_>),
     ) {
-        let end = range.end.min(self.slots.len());
-        for e in self.slots[range.start.min(end)..end].iter().flatten() {
-            if !is_expired(e.expires_at(), now) && buckets.contains(bucket_of(e.key())) {
+        for _ in 0..max {
+            let Some(loc) = self.log.scan_step(cursor) else {
+                return;
+            };
+            let e = self.entry(loc);
+            if !e.is_dead()
+                && !is_expired(e.expires_at(), now)
+                && buckets.contains(bucket_of(e.key()))
+            {
                 f(e);
             }
         }
@@ -765,28 +999,30 @@ impl Shard {
 
     /// The entry for `key` as it is, without marking it used (anti-entropy reads must not
     /// change what eviction keeps). Expired entries are not returned.
-    pub fn peek(&self, key: &[u8], now: Tick) -> Option<&Entry> {
-        let s = self.find(self.hash(key), key)?;
-        let e = self.entry(s);
+    pub fn peek(&self, key: &[u8], now: Tick) -> Option<EntryRef<'_>> {
+        let loc = self.find(self.hash(key), key)?;
+        let e = self.entry(loc);
         (!is_expired(e.expires_at(), now)).then_some(e)
     }
 
-    /// Removes every entry in the slots of `range` whose bucket is in `buckets` (ranges this
-    /// node no longer replicates). Returns how many were removed.
-    pub fn drop_buckets_in_slots(
+    /// Removes every entry whose bucket is in `buckets` (ranges this node no longer
+    /// replicates), going on from `cursor` for at most `max` entries. Returns how many were
+    /// removed.
+    pub fn drop_buckets_from(
         &mut self,
-        range: std::ops::Range<usize>,
+        cursor: &mut Cursor,
+        max: usize,
         buckets: &BucketSet,
     ) -> usize {
         let mut dropped = 0;
-        let end = range.end.min(self.slots.len());
-        for s in range.start.min(end) as u32..end as u32 {
-            let Some(e) = self.slots[s as usize].as_ref() else {
-                continue;
+        for _ in 0..max {
+            let Some(loc) = self.log.scan_step(cursor) else {
+                break;
             };
-            if buckets.contains(bucket_of(e.key())) {
+            let e = self.entry(loc);
+            if !e.is_dead() && buckets.contains(bucket_of(e.key())) {
                 let hash = self.hash(e.key());
-                self.remove_slot(s, hash, true);
+                self.remove(loc, hash);
                 dropped += 1;
             }
         }
@@ -796,21 +1032,34 @@ impl Shard {
 
 #[cfg(test)]
 impl Shard {
-    /// `for_each_in_slots` over every slot.
-    fn for_each_in(&self, buckets: &BucketSet, now: Tick, f: impl FnMut(&Entry)) {
-        self.for_each_in_slots(0..self.slots.len(), buckets, now, f);
+    /// `scan` over every entry.
+    fn for_each_in(&self, buckets: &BucketSet, now: Tick, f: impl FnMut(EntryRef<'_>)) {
+        self.scan(&mut Cursor::default(), usize::MAX, buckets, now, f);
     }
 
-    /// `drop_buckets_in_slots` over every slot.
+    /// `drop_buckets_from` over every entry.
     fn drop_buckets(&mut self, buckets: &BucketSet) -> usize {
-        self.drop_buckets_in_slots(0..self.slots.len(), buckets)
+        self.drop_buckets_from(&mut Cursor::default(), usize::MAX, buckets)
     }
 }
 
 impl Drop for Shard {
     fn drop(&mut self) {
-        for entry in self.slots.drain(..).flatten() {
-            entry.free(&mut self.slab);
+        let blocks: Vec<_> = self
+            .log
+            .all()
+            .filter_map(|loc| {
+                let e = self.entry(loc);
+                if e.is_dead() {
+                    None
+                } else {
+                    e.block()
+                }
+            })
+            .collect();
+        for (p, len) in blocks {
+            // SAFETY: a live large entry's block, allocated in `append` with this layout.
+            unsafe { std::alloc::dealloc(p, Layout::from_size_align(len, 1).expect("fits")) };
         }
     }
 }

@@ -1,9 +1,30 @@
 //! Unit tests of `shard`: plain, no executor, each on the test harness's thread.
 
 use super::*;
-use crate::engine::entry::entry_len;
 use proptest::prelude::*;
 use std::collections::{HashMap, VecDeque};
+
+impl Shard {
+    /// Keys of the live entries queued in `q`, oldest first.
+    fn queue_keys(&self, q: Queue) -> Vec<u8> {
+        self.log
+            .queued(q)
+            .into_iter()
+            .map(|loc| self.entry(loc))
+            .filter(|e| !e.is_dead())
+            .map(|e| e.key()[0])
+            .collect()
+    }
+
+    /// Every live entry, expired ones too.
+    fn live_entries(&self) -> Vec<EntryRef<'_>> {
+        self.log
+            .all()
+            .map(|loc| self.entry(loc))
+            .filter(|e| !e.is_dead())
+            .collect()
+    }
+}
 
 fn v(n: u64) -> Version {
     Version { hlc: n, node: 1 }
@@ -89,7 +110,7 @@ fn an_eviction_moves_a_bounded_number_of_entries() {
     s.set(b"new", b"v", v(2), 0, 0);
     assert_eq!(s.len(), n);
     // MAX_MOVES promotions from the small queue, then the entry in hand went.
-    assert_eq!(s.main.len(), MAX_MOVES);
+    assert_eq!(s.queue_keys(Queue::Main).len(), MAX_MOVES);
     assert_eq!(s.stats().evictions, 1);
 }
 
@@ -117,17 +138,22 @@ fn memory_follows_a_change_of_value_sizes() {
     for i in 0..10_000u64 {
         s.set(format!("k{i}").as_bytes(), &[1; 100], v(1), 0, 0);
     }
-    let small = s.slab.pages_in_use();
+    let small = s.log.segments_in_use();
     for i in 0..10_000u64 {
         s.set(format!("k{i}").as_bytes(), &[2; 300], v(2), 0, 0);
     }
-    // Every page of the 100-byte class emptied and went back to serve the 300-byte one:
-    // what is held is what 10,000 entries of the new size need, not both sizes.
-    let large = s.slab.pages_in_use();
-    let needed = (10_000 * Slab::cell_size(entry_len(6, 300)).unwrap()).div_ceil(64 * 1024);
+    // Every segment of 100-byte values emptied and went back: what is held is what 10,000
+    // entries of the new size need (and the open tail), not both sizes.
+    let large = s.log.segments_in_use();
+    let needed: usize = s
+        .live_entries()
+        .iter()
+        .map(|e| e.log_len())
+        .sum::<usize>()
+        .div_ceil(SEGMENT);
     assert!(
         large <= needed + 1,
-        "{large} pages for {needed} needed ({small} before)"
+        "{large} segments for {needed} needed ({small} before)"
     );
     assert!(get(&mut s, "k42", 0).is_some_and(|v| v == [2; 300]));
 }
@@ -184,8 +210,9 @@ fn sweep_reclaims_unread_expired_entries_in_bounded_steps() {
     }
     assert_eq!(s.len(), 100);
     assert_eq!(s.stats().expirations, 500);
-    // Expired slots are reused once their queue passes them.
-    assert_eq!(s.slots.len(), 600);
+    // What the expired entries took is no longer counted.
+    let live: usize = s.live_entries().iter().map(|e| e.log_len()).sum();
+    assert_eq!(s.stats().bytes as usize, live);
 }
 
 #[test]
@@ -284,7 +311,7 @@ proptest! {
             }
             let mut recount = vec![0u64; BUCKETS];
             let mut counted = vec![0u32; BUCKETS];
-            for e in s.slots.iter().flatten() {
+            for e in s.live_entries() {
                 let b = bucket_of(e.key());
                 recount[b] ^= entry_digest(e.key(), e.version(), e.flags());
                 counted[b] += 1;
@@ -315,13 +342,9 @@ fn for_each_in_skips_expired_and_other_buckets_and_peek_does_not_touch() {
     s.for_each_in(&only_a, 0, |e| seen.push(e.key().to_vec()));
     assert!(seen.contains(&b"a".to_vec()));
     let a = s.find(s.hash(b"a"), b"a").unwrap();
-    assert_eq!(s.meta[a as usize] & FREQ_MASK, 0);
+    assert_eq!(s.entry(a).freq(), 0);
     assert_eq!(s.peek(b"a", 0).unwrap().value(), b"1");
-    assert_eq!(
-        s.meta[a as usize] & FREQ_MASK,
-        0,
-        "peek leaves eviction order alone"
-    );
+    assert_eq!(s.entry(a).freq(), 0, "peek leaves eviction order alone");
     assert!(s.peek(b"b", 5).is_none());
 }
 
@@ -384,13 +407,6 @@ impl Model {
     }
 }
 
-/// The shard's queue, as keys (slots emptied by deletes left out).
-fn queue_keys(s: &Shard, q: &VecDeque<u32>) -> Vec<u8> {
-    q.iter()
-        .filter_map(|&slot| s.slots[slot as usize].as_ref().map(|e| e.key()[0]))
-        .collect()
-}
-
 proptest! {
     /// Through any sequence of Sets, Gets and Deletes, the shard keeps exactly the keys the
     /// model keeps, in the same queue order, with the same access counts.
@@ -418,8 +434,8 @@ proptest! {
                     m.values.insert(k, val);
                     s.set(&[k], &[val], v(1), 0, 0);
                     if new {
-                        let slot = s.find(s.hash(&[k]), &[k]).expect("just stored");
-                        if s.meta[slot as usize] & IN_MAIN != 0 || clock {
+                        let loc = s.find(s.hash(&[k]), &[k]).expect("just stored");
+                        if s.log.queue_of(loc) == Queue::Main || clock {
                             m.main.push_back(k);
                         } else {
                             m.small.push_back(k);
@@ -438,11 +454,11 @@ proptest! {
                     m.remove(k);
                 }
             }
-            prop_assert_eq!(queue_keys(&s, &s.small), m.small.iter().copied().collect::<Vec<_>>());
-            prop_assert_eq!(queue_keys(&s, &s.main), m.main.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(s.queue_keys(Queue::Small), m.small.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(s.queue_keys(Queue::Main), m.main.iter().copied().collect::<Vec<_>>());
             for (&k, &f) in &m.freq {
-                let slot = s.find(s.hash(&[k]), &[k]).expect("kept");
-                prop_assert_eq!(s.meta[slot as usize] & FREQ_MASK, f, "count of {}", k);
+                let loc = s.find(s.hash(&[k]), &[k]).expect("kept");
+                prop_assert_eq!(s.entry(loc).freq(), f, "count of {}", k);
             }
             prop_assert_eq!(s.len(), m.values.len());
         }
