@@ -796,7 +796,9 @@ impl Shard {
             entry_digest_at(pos, old_version, old_flags) ^ entry_digest_at(pos, version, flags);
         let base = self.log.base_of(loc);
         let shape = Shape::new(key.len(), value.len(), version, base, node, expires_at);
-        if !shape.is_large() && !old_large && self.log.align(shape.log_len()) == self.log.align(old_len)
+        if !shape.is_large()
+            && !old_large
+            && self.log.align(shape.log_len()) == self.log.align(old_len)
         {
             // SAFETY: the same aligned room as the old entry, which it replaces.
             unsafe {
@@ -910,7 +912,8 @@ impl Shard {
                 return false;
             };
             let e = self.entry(loc);
-            let (dead, len, expires_at, freq) = (e.is_dead(), e.log_len(), e.expires_at(), e.freq());
+            let (dead, len, expires_at, freq) =
+                (e.is_dead(), e.log_len(), e.expires_at(), e.freq());
             let c = self.log.align(len) + e.block().map_or(0, |(_, n)| block_charge(n));
             let hash = (!dead).then(|| self.hash(e.key()));
             self.log.advance(q, self.log.align(len));

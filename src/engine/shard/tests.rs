@@ -516,3 +516,149 @@ fn the_byte_limit_counts_entries_and_structures() {
     );
     assert!(s.used_bytes() <= limit / 2);
 }
+
+#[test]
+fn a_chunked_scan_sees_every_entry_that_stays_live_while_entries_move() {
+    let n = 2_000u64;
+    let mut s = Shard::new(n as usize);
+    for i in 0..n {
+        s.set(format!("k{i}").as_bytes(), &[1; 100], v(i), 0, 0);
+    }
+    // Every other key read once: an eviction promotes those from small to main.
+    for i in (0..n).step_by(2) {
+        assert!(get(&mut s, &format!("k{i}"), 0).is_some());
+    }
+    let mut cursor = Cursor::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh = n;
+    while !cursor.is_done() {
+        s.scan(&mut cursor, 50, &BucketSet::all(), 0, |e| {
+            seen.insert(e.key().to_vec());
+        });
+        // Between chunks, new keys evict and promote (entries move to main's tail).
+        for _ in 0..20 {
+            s.set(format!("k{fresh}").as_bytes(), &[2; 100], v(fresh), 0, 0);
+            fresh += 1;
+        }
+    }
+    let survivors: Vec<u64> = (0..n)
+        .filter(|i| s.peek(format!("k{i}").as_bytes(), 0).is_some())
+        .collect();
+    assert!(
+        survivors.len() > 500,
+        "{} of the first keys kept",
+        survivors.len()
+    );
+    for i in survivors {
+        assert!(
+            seen.contains(format!("k{i}").as_bytes()),
+            "k{i} live throughout, not seen"
+        );
+    }
+}
+
+#[test]
+fn large_values_keep_their_own_block_and_move_with_their_entry() {
+    let big = |i: u64| vec![(i % 251) as u8; 10_000 + i as usize];
+    let mut s = Shard::new(40);
+    for i in 0..40u64 {
+        s.set(format!("k{i}").as_bytes(), &big(i), v(i), 0, 0);
+    }
+    let stub = s.live_entries()[0].log_len();
+    assert!(stub < 40, "a stub of {stub} bytes in the log");
+    // Read all, then push 20 new keys through: the read ones move to main with their blocks.
+    for i in 0..40u64 {
+        assert!(get(&mut s, &format!("k{i}"), 0).is_some());
+    }
+    for i in 40..60u64 {
+        s.set(format!("k{i}").as_bytes(), &big(i), v(i), 0, 0);
+    }
+    for i in 0..60u64 {
+        if let Some(got) = get(&mut s, &format!("k{i}"), 0) {
+            assert_eq!(got, big(i), "k{i}");
+        }
+    }
+    assert_eq!(s.len(), 40);
+    let payload: usize = (0..60u64)
+        .filter(|i| s.peek(format!("k{i}").as_bytes(), 0).is_some())
+        .map(|i| big(i).len())
+        .sum();
+    let stubs: usize = s.live_entries().iter().map(|e| e.log_len()).sum();
+    assert_eq!(s.stats().bytes as usize, payload + stubs);
+    for i in 0..60u64 {
+        s.delete(format!("k{i}").as_bytes(), 0);
+    }
+    assert_eq!((s.len(), s.stats().bytes), (0, 0));
+    assert_eq!(s.blocks_charged, 0, "every block freed");
+}
+
+#[test]
+fn versions_of_many_nodes_and_far_apart_clocks_are_kept_exactly() {
+    let mut s = Shard::new(1_000);
+    let version = |i: u64| Version {
+        // Far apart (beyond a segment's ±0.5 s of offsets) for every third key.
+        hlc: (1 << 50) + if i % 3 == 0 { i << 40 } else { i },
+        node: (i * 7919) as u32 % 400,
+    };
+    for i in 0..1_000u64 {
+        s.set(format!("k{i}").as_bytes(), b"v", version(i), 0, 0);
+    }
+    assert_eq!(
+        s.nodes.len(),
+        MAX_NODES,
+        "the table filled, later ids are written in full"
+    );
+    for i in 0..1_000u64 {
+        let f = s.get(format!("k{i}").as_bytes(), 0).expect("kept");
+        assert_eq!(f.version, version(i), "k{i}");
+    }
+    // Overwritten with another size (a new copy) and read back.
+    for i in 0..1_000u64 {
+        s.set(format!("k{i}").as_bytes(), b"value", version(i + 1), 0, 0);
+        assert_eq!(
+            s.get(format!("k{i}").as_bytes(), 0).unwrap().version,
+            version(i + 1)
+        );
+    }
+}
+
+#[test]
+fn dead_space_is_compacted_before_any_live_entry_is_evicted() {
+    let limit = 4 << 20;
+    let mut s = Shard::with(
+        Policy::S3Fifo,
+        Limits {
+            bytes: limit,
+            entries: usize::MAX,
+        },
+    );
+    let mut i = 0u64;
+    while s.stats().evictions == 0 {
+        s.set(format!("key-{i:08}").as_bytes(), &[5; 100], v(i), 0, 0);
+        i += 1;
+    }
+    let filled = s.len();
+    // Three keys in four deleted, spread over every segment.
+    for k in 0..i {
+        if k % 4 != 0 {
+            s.delete(format!("key-{k:08}").as_bytes(), 0);
+        }
+    }
+    let evictions = s.stats().evictions;
+    let room = filled - s.len();
+    let kept: Vec<u64> = (0..i)
+        .filter(|k| s.peek(format!("key-{k:08}").as_bytes(), 0).is_some())
+        .collect();
+    // Half that many new keys fit in the space the deletes left, once compacted.
+    for k in 0..room as u64 / 2 {
+        s.set(format!("new-{k:08}").as_bytes(), &[6; 100], v(k), 0, 0);
+        assert!(s.used_bytes() <= limit);
+    }
+    assert_eq!(s.stats().evictions, evictions, "no live entry evicted");
+    for k in kept {
+        assert!(
+            s.peek(format!("key-{k:08}").as_bytes(), 0).is_some(),
+            "key-{k:08} kept"
+        );
+    }
+}
