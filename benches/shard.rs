@@ -6,8 +6,11 @@ use distributed_cache::engine::{hlc::Version, shard::Shard};
 
 const KEYS: u64 = 100_000;
 
-fn key(i: u64) -> Vec<u8> {
-    format!("k{i:015}").into_bytes()
+fn key(i: u64) -> [u8; 16] {
+    format!("k{i:015}")
+        .into_bytes()
+        .try_into()
+        .expect("16-byte keys")
 }
 
 fn filled(capacity: usize) -> Shard {
@@ -21,7 +24,8 @@ fn filled(capacity: usize) -> Shard {
 
 fn bench(c: &mut Criterion) {
     let value = [b'v'; 100];
-    let keys: Vec<Vec<u8>> = (0..KEYS).map(key).collect();
+    // One contiguous array: the harness's own reads of keys stay out of the figures.
+    let keys: Vec<[u8; 16]> = (0..KEYS).map(key).collect();
 
     let mut s = filled(KEYS as usize);
     let mut i = 0usize;

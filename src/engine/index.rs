@@ -19,6 +19,8 @@ const ROUTE_BITS: u32 = 12;
 pub struct Index {
     tables: [HashTable<u32>; TABLES],
     route: Box<[u8; 1 << ROUTE_BITS]>,
+    /// `allocation_size`, kept as tables grow: the byte limit reads it on every write.
+    bytes: usize,
 }
 
 fn shares() -> [f64; TABLES] {
@@ -44,10 +46,13 @@ impl Index {
             }
             *r = table as u8;
         }
-        Self {
+        let mut index = Self {
             tables: shares.map(|s| HashTable::with_capacity((entries as f64 * s).ceil() as usize)),
             route,
-        }
+            bytes: 0,
+        };
+        index.bytes = index.measure();
+        index
     }
 
     #[inline]
@@ -84,7 +89,11 @@ impl Index {
     #[inline]
     pub fn insert(&mut self, hash: u64, loc: u32, rehash: impl Fn(&u32) -> u64) {
         let t = self.table(hash);
+        let before = self.tables[t].capacity();
         self.tables[t].insert_unique(hash, loc, rehash);
+        if self.tables[t].capacity() != before {
+            self.bytes = self.measure();
+        }
     }
 
     /// Bytes the table taking `hash` would add if one more key made it grow.
@@ -98,6 +107,10 @@ impl Index {
     }
 
     pub fn allocation_size(&self) -> usize {
+        self.bytes
+    }
+
+    fn measure(&self) -> usize {
         self.tables
             .iter()
             .map(HashTable::allocation_size)

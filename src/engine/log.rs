@@ -277,10 +277,18 @@ impl Log {
             } else {
                 self.release(id);
             }
-        } else if !s.sparse && s.live * 2 < s.used && self.queues[q].tail != id {
+        } else if !s.sparse && s.live * 2 < s.used && self.compactable(id) {
             self.segs[id as usize].sparse = true;
             self.sparse.push(id);
         }
+    }
+
+    /// Whether compacting segment `id` would help: not its queue's tail (still being written)
+    /// nor its head (being emptied by eviction, whose entries would only move to the tail and
+    /// outlive newer ones).
+    fn compactable(&self, id: u32) -> bool {
+        let q = &self.queues[self.segs[id as usize].queue as usize];
+        q.tail != id && q.order.front().is_none_or(|&(front, _)| front != id)
     }
 
     fn release(&mut self, id: u32) {
@@ -377,7 +385,7 @@ impl Log {
                 continue;
             }
             self.segs[id as usize].sparse = false;
-            if s.seq == 0 || self.queues[s.queue as usize].tail == id || s.live * 2 >= s.used {
+            if s.seq == 0 || !self.compactable(id) || s.live * 2 >= s.used {
                 continue;
             }
             let mut out = Vec::new();

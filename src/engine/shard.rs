@@ -15,8 +15,8 @@
 
 use super::{
     entry::{
-        self, Base, EntryRef, Shape, DEAD, FLAG_TOMBSTONE, FREQ_MASK, FREQ_SHIFT, MAX_NODES,
-        NODE_INLINE, USER_FLAGS,
+        self, Base, EntryRef, Shape, DEAD, FLAG_TOMBSTONE, FREQ_SHIFT, MAX_NODES, NODE_INLINE,
+        USER_FLAGS,
     },
     ghost::Ghost,
     hlc::Version,
@@ -402,16 +402,6 @@ impl Shard {
         }
     }
 
-    #[inline]
-    fn touch(&mut self, loc: u32) {
-        let max = self.max_freq();
-        // SAFETY: a live entry's flags byte; nothing else refers to it now.
-        let flags = unsafe { entry::flags_at(self.log.ptr(loc)) };
-        if (*flags & FREQ_MASK) >> FREQ_SHIFT < max {
-            *flags += 1 << FREQ_SHIFT;
-        }
-    }
-
     /// The index of `node` in the table, added if new (`NODE_INLINE` once the table is full).
     #[inline]
     fn node_index(&mut self, node: u32) -> u8 {
@@ -535,11 +525,16 @@ impl Shard {
     fn kill(&mut self, loc: u32, keep_block: bool) {
         let e = self.entry(loc);
         let (len, block) = (e.log_len(), e.block());
+        self.kill_parsed(loc, len, block, keep_block);
+    }
+
+    /// [`Shard::kill`] with the entry's log length and block already read off it.
+    fn kill_parsed(&mut self, loc: u32, len: usize, block: Option<(*mut u8, usize)>, keep: bool) {
         // SAFETY: the entry's own flags byte.
         unsafe { *entry::flags_at(self.log.ptr(loc)) |= DEAD };
         self.bytes -= len;
         if let Some((p, block_len)) = block {
-            if !keep_block {
+            if !keep {
                 self.bytes -= block_len;
                 self.blocks_charged -= block_charge(block_len);
                 let layout = Layout::from_size_align(block_len, 1).expect("value length fits");
@@ -556,11 +551,12 @@ impl Shard {
         self.index.remove(hash, |&x| x == loc);
         let e = self.entry(loc);
         let (key, version, flags) = (e.key(), e.version(), e.flags());
+        let (len, block) = (e.log_len(), e.block());
         let pos = key_position(key);
         let b = bucket_of_position(pos);
         self.digest[b] ^= entry_digest_at(pos, version, flags);
         self.counts[b] = self.counts[b].wrapping_sub(1);
-        self.kill(loc, false);
+        self.kill_parsed(loc, len, block, false);
         self.len -= 1;
     }
 
@@ -671,12 +667,17 @@ impl Shard {
     pub fn get_entry(&mut self, key: &[u8], now: Tick) -> Option<Found<'_>> {
         let hash = self.hash(key);
         let loc = self.find(hash, key)?;
-        if is_expired(self.entry(loc).expires_at(), now) {
+        let e = self.entry(loc);
+        if is_expired(e.expires_at(), now) {
             self.remove(loc, hash);
             self.expirations += 1;
             return None;
         }
-        self.touch(loc);
+        let freq = e.freq();
+        if freq < self.max_freq() {
+            // SAFETY: the entry's own flags byte; `e` reads it no more.
+            unsafe { *entry::flags_at(self.log.ptr(loc)) += 1 << FREQ_SHIFT };
+        }
         let e = self.entry(loc);
         Some(Found {
             value: e.value(),
@@ -733,16 +734,20 @@ impl Shard {
             self.overwrite(loc, hash, key, value, version, expires_at, flags, now);
             return;
         }
-        if self.log.has_sparse() {
-            self.compact_one();
-        }
         let q = match self.policy {
             Policy::Clock => Queue::Main,
             Policy::S3Fifo if self.ghost.take(hash) => Queue::Main,
             Policy::S3Fifo => Queue::Small,
         };
         let node = self.node_index(version.node);
-        let (shape, new_segment) = self.shape_for(q, key, value.len(), version, node, expires_at);
+        let (mut shape, mut new_segment) =
+            self.shape_for(q, key, value.len(), version, node, expires_at);
+        if new_segment && self.log.has_sparse() {
+            // Before a new segment, one more than half dead is compacted: without evictions
+            // nothing else would reclaim the space deletes and resizing overwrites leave.
+            self.compact_one();
+            (shape, new_segment) = self.shape_for(q, key, value.len(), version, node, expires_at);
+        }
         let incoming = if new_segment { SEGMENT } else { 0 }
             + if shape.is_large() {
                 block_charge(value.len())
