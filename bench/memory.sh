@@ -57,7 +57,7 @@ start_server() {
     server_log="$tmp/$1-$3.log"
     local cmd
     case $1 in
-        node) cmd=(env ADDR="127.0.0.1:$2" MAX_MEMORY=8gb TTL=0 CORES="$(nproc)" "$BIN/distributed-cache") ;;
+        node) cmd=(env ADDR="127.0.0.1:$2" MAX_MEMORY=4gb TTL=0 CORES="$(nproc)" "$BIN/distributed-cache") ;;
         memcached) cmd=(/usr/bin/memcached -p "$2" -U 0 -l 127.0.0.1 -m 16384 -t 2 -u root) ;;
         # --dir keeps anything Redis might write out of the repository.
         redis) cmd=(/usr/bin/redis-server --port "$2" --bind 127.0.0.1 --save '' --appendonly no --daemonize no --dir "$tmp") ;;
