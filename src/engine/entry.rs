@@ -275,6 +275,20 @@ pub unsafe fn key_at<'a>(p: *const u8) -> &'a [u8] {
     std::slice::from_raw_parts(p.add(parts.key_at as usize), parts.key_len as usize)
 }
 
+/// The expiry tick of the entry at `p` (0: none), without reading the rest of its header
+/// when it has none.
+///
+/// # Safety
+/// `p` must point at an entry written by [`write`].
+#[inline]
+pub unsafe fn expires_at(p: *const u8) -> u32 {
+    if *p & EXPIRES == 0 {
+        0
+    } else {
+        parts(p).expires_at
+    }
+}
+
 /// Bytes the entry at `p` takes in the log.
 ///
 /// # Safety
@@ -375,15 +389,8 @@ impl<'a> EntryRef<'a> {
     #[inline]
     pub fn version(&self) -> Version {
         let flags = self.flags_byte();
-        // SAFETY: the node and HLC fields are where the header says.
+        // SAFETY: the HLC field is where the header says.
         unsafe {
-            let node = if flags & NODE == 0 {
-                self.base.node
-            } else if *self.p.add(1) == NODE_INLINE {
-                u32::from_le(self.p.add(2).cast::<u32>().read_unaligned())
-            } else {
-                self.nodes[*self.p.add(1) as usize]
-            };
             let at = self.p.add(self.parts.hlc_at as usize);
             let hlc = if flags & WIDE != 0 {
                 u64::from_le(at.cast::<u64>().read_unaligned())
@@ -391,7 +398,10 @@ impl<'a> EntryRef<'a> {
                 let d = i32::from_le(at.cast::<i32>().read_unaligned());
                 self.base.hlc.wrapping_add(d as i64 as u64)
             };
-            Version { hlc, node }
+            Version {
+                hlc,
+                node: self.node(),
+            }
         }
     }
 
@@ -436,6 +446,61 @@ impl<'a> EntryRef<'a> {
     pub fn payload_len(&self) -> usize {
         self.parts.key_len as usize + self.parts.value_len
     }
+
+    /// Whether a new `version`, `expires_at` and a value of `value_len` bytes can be written
+    /// over this entry's own fields ([`rewrite`]): the same value length, an expiry again (or
+    /// none again), a node its node field already names and an HLC its HLC field holds. The
+    /// common overwrite (same size, same coordinator, a clock moments later) then writes only
+    /// what changed instead of the whole entry.
+    #[inline]
+    pub fn fits(&self, version: Version, expires_at: u32, value_len: usize) -> bool {
+        let flags = self.flags_byte();
+        value_len == self.parts.value_len
+            && !self.is_large()
+            && (expires_at != 0) == (flags & EXPIRES != 0)
+            && (flags & WIDE != 0 || delta(version.hlc, self.base.hlc).is_some())
+            && self.node() == version.node
+    }
+
+    #[inline]
+    fn node(&self) -> u32 {
+        // SAFETY: the node byte (and id) is there when the flags say so.
+        unsafe {
+            if self.flags_byte() & NODE == 0 {
+                self.base.node
+            } else if *self.p.add(1) == NODE_INLINE {
+                u32::from_le(self.p.add(2).cast::<u32>().read_unaligned())
+            } else {
+                self.nodes[*self.p.add(1) as usize]
+            }
+        }
+    }
+}
+
+/// Writes `version`'s HLC, `expires_at`, `value` and `flags` (`USER_FLAGS` and the access
+/// count) over the entry `e` views, keeping its header's form.
+///
+/// # Safety
+/// `e.fits(version, expires_at, value.len())`, and nothing else reads or writes the entry
+/// meanwhile (the shard holds it mutably).
+#[inline]
+pub unsafe fn rewrite(e: EntryRef<'_>, version: Version, expires_at: u32, value: &[u8], flags: u8) {
+    let p = e.p as *mut u8;
+    *p = (*p & !(USER_FLAGS | FREQ_MASK)) | (flags & (USER_FLAGS | FREQ_MASK));
+    let mut at = p.add(e.parts.hlc_at as usize);
+    if *p & WIDE != 0 {
+        at.cast::<u64>().write_unaligned(version.hlc.to_le());
+        at = at.add(8);
+    } else {
+        let d = delta(version.hlc, e.base.hlc).expect("fits checked the delta");
+        at.cast::<i32>().write_unaligned(d.to_le());
+        at = at.add(4);
+    }
+    if *p & EXPIRES != 0 {
+        at.cast::<u32>().write_unaligned(expires_at.to_le());
+    }
+    let v = p.add(e.parts.key_at as usize + e.parts.key_len as usize);
+    std::ptr::copy_nonoverlapping(value.as_ptr(), v, value.len());
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@
 
 use super::{
     entry::{
-        self, Base, EntryRef, Shape, DEAD, FLAG_TOMBSTONE, FREQ_SHIFT, MAX_NODES, NODE_INLINE,
-        USER_FLAGS,
+        self, Base, EntryRef, Shape, DEAD, FLAG_TOMBSTONE, FREQ_MASK, FREQ_SHIFT, MAX_NODES,
+        NODE_INLINE, USER_FLAGS,
     },
     ghost::Ghost,
     hlc::Version,
@@ -667,16 +667,18 @@ impl Shard {
     pub fn get_entry(&mut self, key: &[u8], now: Tick) -> Option<Found<'_>> {
         let hash = self.hash(key);
         let loc = self.find(hash, key)?;
-        let e = self.entry(loc);
-        if is_expired(e.expires_at(), now) {
+        let p = self.log.ptr(loc);
+        // SAFETY: an indexed location holds a live entry.
+        if is_expired(unsafe { entry::expires_at(p) }, now) {
             self.remove(loc, hash);
             self.expirations += 1;
             return None;
         }
-        let freq = e.freq();
-        if freq < self.max_freq() {
-            // SAFETY: the entry's own flags byte; `e` reads it no more.
-            unsafe { *entry::flags_at(self.log.ptr(loc)) += 1 << FREQ_SHIFT };
+        let max = self.max_freq();
+        // SAFETY: the entry's own flags byte, which no reference holds.
+        let flags = unsafe { entry::flags_at(p) };
+        if (*flags & FREQ_MASK) >> FREQ_SHIFT < max {
+            *flags += 1 << FREQ_SHIFT;
         }
         let e = self.entry(loc);
         Some(Found {
@@ -776,8 +778,9 @@ impl Shard {
         self.len += 1;
     }
 
-    /// A new value for the key held at `loc`: written over the old one when it takes the same
-    /// room (the common same-size overwrite), else appended to the same queue.
+    /// A new value for the key held at `loc`: written over the old one's fields when they keep
+    /// their form, rewritten whole when it takes the same room, else appended to the same
+    /// queue.
     #[allow(clippy::too_many_arguments)]
     fn overwrite(
         &mut self,
@@ -791,14 +794,31 @@ impl Shard {
         now: Tick,
     ) {
         let max = self.max_freq();
-        let node = self.node_index(version.node);
         let old = self.entry(loc);
         let (old_len, old_version, old_flags) = (old.log_len(), old.version(), old.flags());
         let freq = (old.freq() + 1).min(max);
         let old_large = old.is_large();
         let pos = key_position(key);
+        let in_place = old.fits(version, expires_at, value.len());
+        if in_place {
+            // SAFETY: it fits, and the shard is held mutably.
+            unsafe {
+                entry::rewrite(
+                    old,
+                    version,
+                    expires_at,
+                    value,
+                    flags | (freq << FREQ_SHIFT),
+                )
+            };
+        }
         self.digest[bucket_of_position(pos)] ^=
             entry_digest_at(pos, old_version, old_flags) ^ entry_digest_at(pos, version, flags);
+        if in_place {
+            self.schedule(hash, expires_at);
+            return;
+        }
+        let node = self.node_index(version.node);
         let base = self.log.base_of(loc);
         let shape = Shape::new(key.len(), value.len(), version, base, node, expires_at);
         if !shape.is_large()

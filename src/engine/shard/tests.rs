@@ -1,6 +1,7 @@
 //! Unit tests of `shard`: plain, no executor, each on the test harness's thread.
 
 use super::*;
+use crate::engine::entry::FLAG_BINARY;
 use proptest::prelude::*;
 use std::collections::{HashMap, VecDeque};
 
@@ -318,6 +319,41 @@ proptest! {
             }
             prop_assert!(recount.as_slice() == s.digest());
             prop_assert!(counted.as_slice() == s.counts());
+        }
+    }
+
+    /// Overwrites of every form (the same size or another, the segment's node or another or
+    /// one written in full, a near or far clock, an expiry or none, either flag) read back
+    /// exactly what was last written, and leave the other keys alone: the in-place rewrite
+    /// must keep to the entry's header.
+    #[test]
+    fn overwrites_read_back_exactly(
+        ops in proptest::collection::vec(
+            (0u8..6, 0usize..3, 0usize..3, 0usize..3, 0usize..3, any::<bool>()),
+            1..300,
+        ),
+    ) {
+        let mut s = Shard::new(100);
+        // One place left in the node table: the third node is written in full.
+        s.nodes.extend(1000..999 + MAX_NODES as u32);
+        let mut model: HashMap<u8, (Vec<u8>, Version, Tick, u8)> = HashMap::new();
+        for (i, (k, size, node, clock, ttl, binary)) in ops.into_iter().enumerate() {
+            let value = vec![i as u8; [3, 3, 40][size]];
+            let version = Version {
+                hlc: (1 << 50) + i as u64 + [0, 0, 1 << 40][clock],
+                node: [1, 2, 9000][node],
+            };
+            let expires_at = [0, 0, 1000 + i as Tick][ttl];
+            let flags = if binary { FLAG_BINARY } else { 0 };
+            s.set(&[k], &value, version, expires_at, flags);
+            model.insert(k, (value, version, expires_at, flags));
+            for (k, (value, version, expires_at, flags)) in &model {
+                let e = s.peek(&[*k], 0).expect("kept");
+                prop_assert_eq!(e.value(), &value[..]);
+                prop_assert_eq!(e.version(), *version);
+                prop_assert_eq!(e.expires_at(), *expires_at);
+                prop_assert_eq!(e.flags(), *flags);
+            }
         }
     }
 }
