@@ -23,6 +23,12 @@ use std::{collections::VecDeque, ptr::NonNull};
 /// metadata is noise (32 bytes per 64 KiB).
 pub const SEGMENT: usize = 64 * 1024;
 
+/// Address space the logs of all of a node's shards reserve together, at most: a quarter of
+/// x86-64's 47-bit user space. Each shard reserves room for the whole node budget (budget
+/// follows the keys), which 256 shards of a 1 TiB budget could not get; past this a shard's
+/// room is its part of this space, still many times its even share.
+pub const NODE_ADDRESS_SPACE: usize = 1 << 45;
+
 /// Entries from this size up get their own mapping from malloc, given back to the system when
 /// they go. glibc's default threshold starts at 128 KiB and rises to the largest block freed,
 /// after which large entries come from the heap and their holes stay resident: under Sets of
@@ -444,6 +450,12 @@ impl Log {
     pub fn all(&self) -> impl Iterator<Item = u32> + '_ {
         let mut cursor = Cursor::default();
         std::iter::from_fn(move || self.scan_step(&mut cursor))
+    }
+
+    /// Bytes of segments the shard may hold resident and still have the range's last 8
+    /// segments free to move entries into: the most its byte limit may be.
+    pub fn room(&self) -> usize {
+        (self.reserved as usize).saturating_sub(8) * SEGMENT
     }
 
     /// Segments held in memory (in use or the spare), in bytes.

@@ -155,6 +155,26 @@ async fn an_entry_larger_than_a_cores_share_is_stored_one_larger_than_the_budget
     assert_eq!(c.get(get("huge")).await.unwrap_err().code(), Code::NotFound);
 }
 
+/// A budget of 1 TiB over 256 shards: each shard's log reserves room for the whole budget, up
+/// to its part of the node's address space (256 x 1 TiB would not fit in a process's), so the
+/// node starts, serves and reports the budget it was given.
+#[tokio::test]
+async fn a_terabyte_budget_over_many_shards_starts_and_serves() {
+    let node = Node::start(&[("CORES", "2"), ("NUM_SHARDS", "256"), ("MAX_MEMORY", "1tb")]).await;
+    let mut c = node.client().await.unwrap();
+    for i in 0..64 {
+        c.set(set_bytes(&format!("k{i}"), vec![i as u8; 100]))
+            .await
+            .unwrap();
+    }
+    for i in 0..64 {
+        let got = c.get(get(&format!("k{i}"))).await.unwrap().into_inner();
+        assert!(got.payload == Some(get_response::Payload::ValueBytes(vec![i as u8; 100])));
+    }
+    let s = stats(&node).await;
+    assert_eq!(s.memory_budget_bytes, 1 << 40);
+}
+
 /// 100 keys read twice, then a one-pass scan of 3,000 keys set once into room for 1,000:
 /// how many of the 100 are left.
 async fn hot_keys_left_after_a_scan(eviction: &str) -> usize {

@@ -553,6 +553,28 @@ fn the_byte_limit_counts_entries_and_structures() {
     assert!(s.used_bytes() <= limit / 2);
 }
 
+/// A shard whose log has less room than its share (the node's address space split over
+/// many shards) holds to its room, through a share given later too, and goes on storing.
+#[test]
+fn the_byte_limit_never_exceeds_the_logs_room() {
+    let room = 1 << 20;
+    let limits = |bytes| Limits {
+        bytes,
+        entries: usize::MAX,
+    };
+    let mut s = Shard::with_room(Policy::S3Fifo, limits(64 << 20), room);
+    assert!(s.limits().bytes <= s.log.room(), "{:?}", s.limits());
+    s.set_limits(limits(128 << 20), 0);
+    assert!(s.limits().bytes <= s.log.room(), "{:?}", s.limits());
+    for i in 0..50_000u64 {
+        let key = format!("key-{i:08}");
+        s.set(key.as_bytes(), &[5; 100], v(i), 0, 0);
+        assert!(s.get(key.as_bytes(), 0).is_some(), "{key} stored");
+        assert!(s.used_bytes() <= s.limits().bytes);
+    }
+    assert!(s.stats().evictions > 0);
+}
+
 #[test]
 fn a_chunked_scan_sees_every_entry_that_stays_live_while_entries_move() {
     let n = 2_000u64;
