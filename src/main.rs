@@ -4,7 +4,9 @@
 //! Runs on the main thread; the node's own threads are started by [`node::run`].
 
 use clap::Parser;
-use distributed_cache::{cli, config::Config, node, observability, security::Material};
+use distributed_cache::{
+    cli, config::Config, engine::log, node, observability, security::Material,
+};
 
 fn main() {
     let args = cli::Cli::parse();
@@ -46,8 +48,16 @@ fn serve() {
             std::process::exit(2);
         }
     };
+    let (budget, shards) = (config.memory.max_bytes, config.num_shards);
+    if let Err((len, e)) = log::check_address_space(budget as usize, shards as usize) {
+        eprintln!(
+            "distributed-cache: MAX_MEMORY={budget} over {shards} shards needs {len} bytes of \
+             address space (reserved, not used), which this process cannot have: {e}"
+        );
+        std::process::exit(2);
+    }
     observability::init_logging(config.log_format);
-    distributed_cache::engine::log::fix_malloc_mmap_threshold();
+    log::fix_malloc_mmap_threshold();
     if let Err(e) = node::run(config, material) {
         eprintln!("distributed-cache: {e:#}");
         std::process::exit(1);

@@ -7,7 +7,7 @@ use super::{
     command::{Command, ReplicaEntry, Reply, Request, Response},
     entry::FLAG_BINARY,
     hlc::{wall_us, Hlc, Version},
-    log::{Cursor, NODE_ADDRESS_SPACE},
+    log::{shard_room, Cursor},
     shard::{
         expiry_tick, expiry_tick_ms, footprint, remaining_ms, Limits, Shard, ShardStats, Tick,
         SHARD_FIXED_BYTES, TICKS_PER_SEC,
@@ -117,8 +117,7 @@ impl CoreEngine {
                         .max_entries
                         .map_or(usize::MAX, |n| shard_capacity(n, num_shards, s).max(1)),
                 };
-                let room =
-                    (memory.max_bytes as usize).min(NODE_ADDRESS_SPACE / num_shards as usize);
+                let room = shard_room(memory.max_bytes as usize, num_shards as usize);
                 Shard::with_room(memory.policy, limits, room)
             })
             .collect();

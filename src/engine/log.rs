@@ -29,6 +29,36 @@ pub const SEGMENT: usize = 64 * 1024;
 /// room is its part of this space, still many times its even share.
 pub const NODE_ADDRESS_SPACE: usize = 1 << 45;
 
+/// The room each of a node's `shards` logs gets for a budget of `budget` bytes: the whole
+/// budget, up to its part of [`NODE_ADDRESS_SPACE`] (and 1 TiB).
+pub fn shard_room(budget: usize, shards: usize) -> usize {
+    budget.min(NODE_ADDRESS_SPACE / shards.max(1)).min(1 << 40)
+}
+
+/// Reserves, then gives back, the address space the logs of `shards` shards will take for a
+/// budget of `budget` bytes: at start, so a process limit that refuses it (`ulimit -v`) is one
+/// line naming MAX_MEMORY rather than a panic on every core. `Err` has the bytes asked for.
+pub fn check_address_space(budget: usize, shards: usize) -> Result<(), (usize, std::io::Error)> {
+    let len = Log::layout(shard_room(budget, shards)).1 * SEGMENT * shards.max(1);
+    // SAFETY: an anonymous private mapping with no address hint has no preconditions; it is
+    // unmapped at once and never touched.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err((len, std::io::Error::last_os_error()));
+        }
+        libc::munmap(p, len);
+    }
+    Ok(())
+}
+
 /// Entries from this size up get their own mapping from malloc, given back to the system when
 /// they go. glibc's default threshold starts at 128 KiB and rises to the largest block freed,
 /// after which large entries come from the heap and their holes stay resident: under Sets of
@@ -119,15 +149,20 @@ pub struct Log {
 unsafe impl Send for Log {}
 
 impl Log {
-    /// A log able to hold `bytes` of entries (at least a few segments).
-    pub fn new(bytes: usize) -> Self {
+    /// The alignment shift and the segments reserved for a log of `bytes`.
+    fn layout(bytes: usize) -> (u32, usize) {
         let bytes = bytes.clamp(8 * SEGMENT, 1 << 40);
         let mut shift = 0;
         while (1u64 << (32 + shift)) < bytes as u64 {
             shift += 1;
         }
         let addressable = (1usize << (32 + shift)) / SEGMENT;
-        let reserved = (bytes.div_ceil(SEGMENT) + 8).min(addressable);
+        (shift, (bytes.div_ceil(SEGMENT) + 8).min(addressable))
+    }
+
+    /// A log able to hold `bytes` of entries (at least a few segments).
+    pub fn new(bytes: usize) -> Self {
+        let (shift, reserved) = Self::layout(bytes);
         let len = reserved * SEGMENT;
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let p = unsafe {
@@ -450,12 +485,6 @@ impl Log {
     pub fn all(&self) -> impl Iterator<Item = u32> + '_ {
         let mut cursor = Cursor::default();
         std::iter::from_fn(move || self.scan_step(&mut cursor))
-    }
-
-    /// Bytes of segments the shard may hold resident and still have the range's last 8
-    /// segments free to move entries into: the most its byte limit may be.
-    pub fn room(&self) -> usize {
-        (self.reserved as usize).saturating_sub(8) * SEGMENT
     }
 
     /// Segments held in memory (in use or the spare), in bytes.

@@ -268,8 +268,8 @@ impl Shard {
 
     /// A shard with `policy` and `limits` whose log can grow to `room` bytes: the node's whole
     /// budget, as budget moves between shards. The larger the room, the coarser the alignment
-    /// of entries (1 byte up to 4 GiB). The byte limit is never more than the room (here and
-    /// in `set_limits`): a shard past it would find its range used up with nothing to evict.
+    /// of entries (1 byte up to 4 GiB). A shard whose range is used up before its byte limit
+    /// is reached evicts to write (`set_at`), as it would at the limit.
     ///
     /// With an entry limit, the index is sized for it up front (up to [`PRESIZE_MAX`]
     /// entries): growing it by doubling leaves the freed old arrays as holes in the
@@ -280,14 +280,9 @@ impl Shard {
         } else {
             limits.entries.min(PRESIZE_MAX)
         };
-        let log = Log::new(room.min(1 << 40));
-        let limits = Limits {
-            bytes: limits.bytes.min(log.room()),
-            ..limits
-        };
         Self {
             index: Index::with_capacity(presize),
-            log,
+            log: Log::new(room.min(1 << 40)),
             nodes: Vec::new(),
             ghost: Ghost::new(64),
             expiring: BTreeMap::new(),
@@ -374,10 +369,7 @@ impl Shard {
 
     /// Sets new limits and evicts at once down to them. Returns how many entries went.
     pub fn set_limits(&mut self, limits: Limits, now: Tick) -> usize {
-        self.limits = Limits {
-            bytes: limits.bytes.min(self.log.room()),
-            ..limits
-        };
+        self.limits = limits;
         let before = self.evictions + self.expirations;
         self.make_room(0, None, now);
         (self.evictions + self.expirations - before) as usize

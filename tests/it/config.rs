@@ -1,6 +1,7 @@
 //! Bad configuration stops the node before it starts, with one line naming the variable.
 
-use crate::support::run_expecting_failure;
+use crate::support::{run_expecting_failure, run_expecting_failure_with};
+use std::os::unix::process::CommandExt;
 
 #[test]
 fn invalid_variables_are_refused_with_one_line() {
@@ -45,4 +46,34 @@ fn port_in_use_is_one_line() {
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// Each shard's log reserves address space for the node's whole budget (touched only as it
+/// fills). A process not allowed that much (here 4 GiB of address space against 64 shards of a
+/// 1 GiB budget) stops at start with one line naming MAX_MEMORY, not a panic on every core.
+#[test]
+fn address_space_the_shards_cannot_reserve_is_one_line() {
+    let (status, stderr) =
+        run_expecting_failure_with(&[("NUM_SHARDS", "64"), ("MAX_MEMORY", "1gb")], |cmd| {
+            // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let limit = libc::rlimit {
+                        rlim_cur: 4 << 30,
+                        rlim_max: 4 << 30,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                })
+            };
+        });
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MAX_MEMORY=1073741824") && stderr.contains("64 shards"),
+        "{stderr}"
+    );
 }

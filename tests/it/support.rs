@@ -278,6 +278,14 @@ impl Drop for Node {
 
 /// Runs the binary with `env` and expects it to refuse to start; returns (exit status, stderr).
 pub fn run_expecting_failure(env: &[(&str, &str)]) -> (ExitStatus, String) {
+    run_expecting_failure_with(env, |_| {})
+}
+
+/// [`run_expecting_failure`] with `setup` applied to the command first (say, a process limit).
+pub fn run_expecting_failure_with(
+    env: &[(&str, &str)],
+    setup: impl FnOnce(&mut Command),
+) -> (ExitStatus, String) {
     let mut cmd = Command::new(BIN);
     cmd.env("ADDR", format!("127.0.0.1:{}", free_port()))
         .stdout(Stdio::null())
@@ -285,6 +293,7 @@ pub fn run_expecting_failure(env: &[(&str, &str)]) -> (ExitStatus, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    setup(&mut cmd);
     let mut child = cmd.spawn().expect("spawning distributed-cache");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
