@@ -780,8 +780,7 @@ impl Shard {
     }
 
     /// A new value for the key held at `loc`: written over the old one's fields when they keep
-    /// their form, rewritten whole when it takes the same room, else appended to the same
-    /// queue.
+    /// their form (the common same-size overwrite), else appended to the same queue.
     #[allow(clippy::too_many_arguments)]
     fn overwrite(
         &mut self,
@@ -796,9 +795,8 @@ impl Shard {
     ) {
         let max = self.max_freq();
         let old = self.entry(loc);
-        let (old_len, old_version, old_flags) = (old.log_len(), old.version(), old.flags());
+        let (old_version, old_flags) = (old.version(), old.flags());
         let freq = (old.freq() + 1).min(max);
-        let old_large = old.is_large();
         let pos = key_position(key);
         let in_place = old.fits(version, expires_at, value.len());
         if in_place {
@@ -816,33 +814,6 @@ impl Shard {
         self.digest[bucket_of_position(pos)] ^=
             entry_digest_at(pos, old_version, old_flags) ^ entry_digest_at(pos, version, flags);
         if in_place {
-            self.schedule(hash, expires_at);
-            return;
-        }
-        let node = self.node_index(version.node);
-        let base = self.log.base_of(loc);
-        let shape = Shape::new(key.len(), value.len(), version, base, node, expires_at);
-        if !shape.is_large()
-            && !old_large
-            && self.log.align(shape.log_len()) == self.log.align(old_len)
-        {
-            // SAFETY: the same aligned room as the old entry, which it replaces.
-            unsafe {
-                entry::write(
-                    self.log.ptr(loc),
-                    &shape,
-                    &entry::Fields {
-                        key,
-                        value,
-                        value_len: value.len(),
-                        version,
-                        expires_at,
-                        flags: flags | (freq << FREQ_SHIFT),
-                    },
-                    base,
-                )
-            };
-            self.bytes = self.bytes - old_len + shape.log_len();
             self.schedule(hash, expires_at);
             return;
         }
